@@ -1,0 +1,128 @@
+"""The Llama-family decoder in Flax NNX: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
+
+Decoder layers are created once with every parameter stacked on a leading `layers` axis and run with
+`jax.lax.scan`, so compile time does not grow with depth. Attention reads and writes the paged KV cache
+through `pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of prefills and decodes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from jaxllm.config import ModelConfig
+from jaxllm.models.layers import apply_rope, param, rms_norm, rope_inv_freq
+from pallas_kernels.metadata import AttentionMetadata
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention over the paged cache."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        dt, e, h, kvh, d = cfg.jnp_dtype, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = param(rngs, (e, h, d), ("embed", "q_heads", "head_dim"), dt, stack)
+        self.k_proj = param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dt, stack)
+        self.v_proj = param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dt, stack)
+        self.o_proj = param(rngs, (h, d, e), ("q_heads", "head_dim", "embed"), dt, stack)
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, (h, d), ("q_heads", "head_dim"), dt, stack, "zeros")
+            self.k_bias = param(rngs, (kvh, d), ("kv_heads", "head_dim"), dt, stack, "zeros")
+            self.v_bias = param(rngs, (kvh, d), ("kv_heads", "head_dim"), dt, stack, "zeros")
+        if cfg.o_bias:
+            self.o_bias = param(rngs, (e,), ("embed",), dt, stack, "zeros")
+        if cfg.qk_norm:
+            self.q_norm = param(rngs, (d,), ("head_dim",), dt, stack, "ones")
+            self.k_norm = param(rngs, (d,), ("head_dim",), dt, stack, "ones")
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_cache: jax.Array,
+                 md: AttentionMetadata, layer: jax.Array, backend: str) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
+        k = jnp.einsum("te,ehd->thd", x, self.k_proj[...])
+        v = jnp.einsum("te,ehd->thd", x, self.v_proj[...])
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        out, kv_cache = pallas_kernels.ragged_paged_attention(
+            q, k, v, kv_cache, md, layer, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
+            backend=backend)
+        out = jnp.einsum("thd,hde->te", out, self.o_proj[...])
+        if cfg.o_bias:
+            out = out + self.o_bias[...]
+        return out, kv_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        dt, e, m = cfg.jnp_dtype, cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = param(rngs, (e, m), ("embed", "mlp"), dt, stack)
+        self.up_proj = param(rngs, (e, m), ("embed", "mlp"), dt, stack)
+        self.down_proj = param(rngs, (m, e), ("mlp", "embed"), dt, stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jax.nn.silu(x @ self.gate_proj[...])
+        return (gate * (x @ self.up_proj[...])) @ self.down_proj[...]
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks with residuals."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        dt = cfg.jnp_dtype
+        self.input_norm = param(rngs, (cfg.hidden_size,), ("embed",), dt, stack, "ones")
+        self.post_attention_norm = param(rngs, (cfg.hidden_size,), ("embed",), dt, stack, "ones")
+        self.attn = Attention(cfg, rngs, stack)
+        self.mlp = MLP(cfg, rngs, stack)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_cache: jax.Array,
+                 md: AttentionMetadata, layer: jax.Array, backend: str) -> tuple[jax.Array, jax.Array]:
+        h, kv_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), positions, inv_freq, kv_cache, md,
+                                layer, backend)
+        x = x + h
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
+        return x, kv_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Token embeddings, a scanned stack of decoder layers, final norm and the LM head (tied or not)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_backend: str = "auto"):
+        dt = cfg.jnp_dtype
+        self.cfg = cfg
+        self.attention_backend = pallas_kernels.resolve_backend(attention_backend)
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        self.layers = DecoderLayer(cfg, rngs, stack=cfg.num_layers)
+        self.norm = param(rngs, (cfg.hidden_size,), ("embed",), dt, init="ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, kv_cache: jax.Array,
+                 md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
+        """Hidden states `[T, E]` after the final norm, and the updated KV cache."""
+        cfg = self.cfg
+        x = self.embed_tokens[...][tokens]
+        inv_freq = jnp.asarray(rope_inv_freq(cfg.rope, cfg.head_dim))
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(carry, xs):
+            x, kv_cache = carry
+            layer_state, index = xs
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, positions, inv_freq, kv_cache, md, index, self.attention_backend), None
+
+        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(cfg.num_layers)))
+        return rms_norm(x, self.norm[...], cfg.rms_norm_eps), kv_cache
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits `[N, vocab]` for the given hidden rows."""
+        head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return jnp.dot(hidden, head, preferred_element_type=jnp.float32)

@@ -1,0 +1,78 @@
+"""The device mesh and the one table that maps logical axis names onto it.
+
+Every parameter and the KV cache name their axes logically (`embed`, `q_heads`, `kv_heads`, `mlp`,
+`vocab`, `layers`, ...). `ShardingRules` maps each name to a mesh axis (`data`, `pipeline`, `tensor`) or to
+nothing (replicated); changing a parallel layout means changing this table, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "pipeline", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name -> mesh axis name (None: replicated)."""
+
+    vocab: str | None = "tensor"
+    embed: str | None = None
+    q_heads: str | None = "tensor"
+    kv_heads: str | None = "tensor"
+    head_dim: str | None = None
+    mlp: str | None = "tensor"
+    layers: str | None = None
+    kv_pages: str | None = None
+    page: str | None = None
+    tokens: str | None = None
+
+    def mesh_axis(self, logical: str | None) -> str | None:
+        if logical is None:
+            return None
+        if not hasattr(self, logical):
+            raise KeyError(f"logical axis {logical!r} has no sharding rule")
+        return getattr(self, logical)
+
+
+def make_mesh(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `data x pipeline x tensor` mesh over the first devices (all local devices by default)."""
+    shape = (data_parallel_size, pipeline_parallel_size, tensor_parallel_size)
+    needed = int(np.prod(shape))
+    devices = list(devices if devices is not None else jax.devices())
+    if needed > len(devices):
+        raise ValueError(
+            f"mesh data={shape[0]} x pipeline={shape[1]} x tensor={shape[2]} needs {needed} devices, "
+            f"only {len(devices)} available"
+        )
+    return Mesh(np.asarray(devices[:needed]).reshape(shape), MESH_AXES)
+
+
+def partition_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
+                   rules: ShardingRules) -> PartitionSpec:
+    """The spec for an array; an axis whose size the mesh axis does not divide is replicated instead."""
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
+    spec = []
+    for size, logical in zip(shape, logical_axes):
+        axis = rules.mesh_axis(logical)
+        if axis is not None and size % mesh.shape[axis] != 0:
+            logger.info("replicating %s (size %d) over mesh axis %s of size %d", logical, size, axis,
+                        mesh.shape[axis])
+            axis = None
+        spec.append(axis)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
+                   rules: ShardingRules) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(shape, logical_axes, mesh, rules))

