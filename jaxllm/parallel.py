@@ -76,3 +76,12 @@ def partition_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mes
 def named_sharding(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
                    rules: ShardingRules) -> NamedSharding:
     return NamedSharding(mesh, partition_spec(shape, logical_axes, mesh, rules))
+
+
+KV_CACHE_AXES = ("layers", "kv_pages", "page", "kv_heads", "head_dim")
+
+
+def kv_cache_sharding(shape: Sequence[int], mesh: Mesh, rules: ShardingRules) -> NamedSharding:
+    """Sharding of the `[layers, pages, page, 2*kv_heads, head_dim]` cache: split by whole KV heads only."""
+    per_head = (*shape[:3], shape[3] // 2, shape[4])
+    return NamedSharding(mesh, partition_spec(per_head, KV_CACHE_AXES, mesh, rules))

@@ -7,6 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import Mesh
+
+from jaxllm.parallel import ShardingRules, kv_cache_sharding, make_mesh
 from pallas_kernels import AttentionMetadata, kv_cache_shape
 
 
@@ -14,17 +17,18 @@ class PagedRunner:
     """Keeps one KV cache and per-sequence page lists; `step` feeds new tokens for some sequences."""
 
     def __init__(self, model: nnx.Module, page_size: int, num_pages: int = 64, pages_per_seq: int = 16,
-                 max_seqs: int = 8):
+                 max_seqs: int = 8, mesh: Mesh | None = None):
         cfg = model.cfg
         self.page_size, self.pages_per_seq, self.max_seqs = page_size, pages_per_seq, max_seqs
-        self.kv_cache = jnp.zeros(kv_cache_shape(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads,
-                                                 cfg.head_dim), cfg.jnp_dtype)
+        shape = kv_cache_shape(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        cache_sharding = kv_cache_sharding(shape, mesh or make_mesh(), ShardingRules())
+        self.kv_cache = jax.device_put(jnp.zeros(shape, cfg.jnp_dtype), cache_sharding)
         self.graphdef, self.state = nnx.split(model)
         # Pages handed out in a scrambled order so that tables are not the identity.
         self.free = list(np.random.default_rng(0).permutation(num_pages))
         self.pages: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
-        self._step = jax.jit(self._forward, donate_argnums=(1,))
+        self._step = jax.jit(self._forward, donate_argnums=(1,), out_shardings=(None, cache_sharding))
 
     def _forward(self, state, kv_cache, tokens, positions, md):
         model = nnx.merge(self.graphdef, state)

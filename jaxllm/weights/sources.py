@@ -76,7 +76,18 @@ def load_hf_config(source: ModelSource) -> PretrainedConfig:
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, chat template included (for GGUF, built from its metadata)."""
-    return AutoTokenizer.from_pretrained(source.directory, **source._hf_kwargs())
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **source._hf_kwargs())
+    if source.kind == "gguf":
+        _special_tokens_from_gguf(tokenizer, load_hf_config(source))
+    return tokenizer
+
+
+def _special_tokens_from_gguf(tokenizer: PreTrainedTokenizerBase, hf_config: PretrainedConfig) -> None:
+    """`transformers` can mislabel BOS/EOS when building a tokenizer from GGUF; the metadata's ids win."""
+    for role in ("bos", "eos"):
+        token_id = getattr(hf_config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def load_generation_config(source: ModelSource, hf_config: PretrainedConfig) -> GenerationConfig:

@@ -1,0 +1,49 @@
+"""Tensor parallelism on CPU virtual devices: tensor sizes 1, 2 and 4 give the same logits."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from jaxllm.model_loader import load_model
+from jaxllm.parallel import make_mesh
+from tests.paged import PagedRunner
+from tests.tiny_models import make_tiny
+
+PROMPTS = {0: list(range(5, 30)), 1: [3, 4, 5, 6]}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"tp-{request.param}")
+    make_tiny(request.param, path)
+    return path
+
+
+def run(path, tp):
+    mesh = make_mesh(tensor_parallel_size=tp)
+    loaded = load_model(str(path), mesh=mesh)
+    runner = PagedRunner(loaded.model, page_size=8, mesh=mesh)
+    out = runner.step(dict(PROMPTS), pad_tokens=3)
+    decode = runner.step({0: [11], 1: [12]})
+    return loaded, runner, out, decode
+
+
+def test_tensor_parallel_sizes_agree(checkpoint):
+    assert len(jax.devices()) >= 4
+    _, _, base, base_decode = run(checkpoint, 1)
+    for tp in (2, 4):
+        loaded, runner, out, decode = run(checkpoint, tp)
+        for seq in PROMPTS:
+            np.testing.assert_allclose(out[seq], base[seq], rtol=1e-5, atol=1e-5, err_msg=f"tp={tp}")
+            np.testing.assert_allclose(decode[seq], base_decode[seq], rtol=1e-5, atol=1e-5)
+        layers = loaded.model.layers
+        assert layers.attn.q_proj[...].sharding.spec == PartitionSpec(None, None, "tensor", None)
+        assert layers.mlp.down_proj[...].sharding.spec == PartitionSpec(None, "tensor", None)
+        # 2 KV heads: split over tensor 2, replicated over tensor 4.
+        kv_spec = PartitionSpec(None, None, "tensor", None) if tp == 2 else PartitionSpec(None, None, None, None)
+        assert layers.attn.k_proj[...].sharding.spec == kv_spec
+        # the cache's heads axis holds K and V of 2 heads: split in halves over tensor 2, whole over tensor 4.
+        assert {s.data.shape[3] for s in runner.kv_cache.addressable_shards} == {2 if tp == 2 else 4}
+        shard_shapes = {s.data.shape for s in layers.attn.q_proj[...].addressable_shards}
+        assert shard_shapes == {(3, 64, 4 // tp, 16)}
