@@ -3,10 +3,9 @@ PYTHON ?= python3.12
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL ?= SmolLM2-135M-Instruct
 PYTEST_ARGS ?=
 
-.PHONY: venv test serve clean
+.PHONY: venv test clean
 
 venv: $(STAMP)
 
@@ -19,9 +18,6 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
-
-serve: $(STAMP)
-	$(VENV)/bin/jaxllm serve $(MODEL) --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) build *.egg-info

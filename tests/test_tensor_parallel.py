@@ -47,3 +47,22 @@ def test_tensor_parallel_sizes_agree(checkpoint):
         assert {s.data.shape[3] for s in runner.kv_cache.addressable_shards} == {2 if tp == 2 else 4}
         shard_shapes = {s.data.shape for s in layers.attn.q_proj[...].addressable_shards}
         assert shard_shapes == {(3, 64, 4 // tp, 16)}
+
+
+def test_random_model_is_made_in_its_shardings():
+    """Random weights (for benchmarks) are created sharded on the mesh, with the same values at any size."""
+    from jaxllm.config import ModelConfig
+    from jaxllm.model_loader import random_model
+    from tests.tiny_models import TINY, COMMON
+
+    config_cls, _, extra = TINY["qwen3"]
+    cfg = ModelConfig.from_hf(config_cls(**COMMON, **extra, architectures=["Qwen3ForCausalLM"]), "bfloat16")
+    single = random_model(cfg, make_mesh(1), seed=3)
+    sharded = random_model(cfg, make_mesh(tensor_parallel_size=2), seed=3)
+    q_proj = sharded.layers.attn.q_proj[...]
+    assert q_proj.dtype == np.dtype("bfloat16")
+    assert {s.data.shape for s in q_proj.addressable_shards} == {(3, 64, 2, 32)}
+    np.testing.assert_array_equal(np.asarray(q_proj, np.float32),
+                                  np.asarray(single.layers.attn.q_proj[...], np.float32))
+    out = PagedRunner(sharded, page_size=8, mesh=make_mesh(tensor_parallel_size=2)).step({0: [1, 2, 3]})
+    assert np.isfinite(out[0]).all()

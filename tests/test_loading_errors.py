@@ -1,0 +1,90 @@
+"""Bad checkpoints and unsupported models fail with errors that name the problem."""
+
+import json
+
+import pytest
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from jaxllm.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError, resolve_dtype
+from jaxllm.model_loader import load_model
+from jaxllm.weights.readers import CheckpointError
+from tests.tiny_models import make_tiny
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    make_tiny("llama", tmp_path)
+    return tmp_path
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_unsupported_architecture_lists_supported(checkpoint):
+    _edit_config(checkpoint, architectures=["GPT2LMHeadModel"], model_type="llama")
+    with pytest.raises(UnsupportedModelError) as err:
+        load_model(str(checkpoint))
+    assert "GPT2LMHeadModel" in str(err.value)
+    for arch in SUPPORTED_ARCHITECTURES:
+        assert arch in str(err.value)
+
+
+def test_missing_tensor_is_named(checkpoint):
+    tensors = load_file(checkpoint / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(str(checkpoint))
+
+
+def test_shape_disagreeing_with_config_is_named(checkpoint):
+    _edit_config(checkpoint, intermediate_size=128)
+    with pytest.raises(CheckpointError, match="gate_proj"):
+        load_model(str(checkpoint))
+
+
+def test_corrupt_safetensors_names_the_file(checkpoint):
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(str(checkpoint))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unknown_model_name():
+    with pytest.raises(FileNotFoundError, match="SmolLM2-135M-Instruct"):
+        load_model("no-such/model")
+
+
+def test_unsupported_options_are_refused():
+    config = transformers.LlamaConfig(hidden_act="gelu", architectures=["LlamaForCausalLM"])
+    with pytest.raises(UnsupportedModelError, match="gelu"):
+        ModelConfig.from_hf(config)
+    config = transformers.LlamaConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0},
+                                      architectures=["LlamaForCausalLM"])
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        ModelConfig.from_hf(config)
+
+
+def test_dtype_resolution():
+    config = transformers.LlamaConfig(dtype="bfloat16")
+    assert resolve_dtype("auto", config) == "bfloat16"
+    assert resolve_dtype("auto", transformers.LlamaConfig()) == "float32"
+    assert resolve_dtype("float32", config) == "float32"
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", config)
+
+
+def test_qwen2_sliding_window_is_per_config():
+    base = dict(architectures=["Qwen2ForCausalLM"], sliding_window=64, num_hidden_layers=2)
+    assert ModelConfig.from_hf(transformers.Qwen2Config(**base)).sliding_window is None
+    on = transformers.Qwen2Config(**base, use_sliding_window=True, max_window_layers=0)
+    assert ModelConfig.from_hf(on).sliding_window == 64
