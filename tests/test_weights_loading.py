@@ -1,4 +1,4 @@
-"""Bad checkpoints and unsupported models fail with errors that name the problem."""
+"""Loading checkpoints: what a Hugging Face directory brings, and errors that name the problem."""
 
 import json
 
@@ -88,3 +88,18 @@ def test_qwen2_sliding_window_is_per_config():
     assert ModelConfig.from_hf(transformers.Qwen2Config(**base)).sliding_window is None
     on = transformers.Qwen2Config(**base, use_sliding_window=True, max_window_layers=0)
     assert ModelConfig.from_hf(on).sliding_window == 64
+
+
+def test_hf_directory_tokenizer_and_generation_config(checkpoint):
+    """A Hugging Face directory brings its own tokenizer files and generation_config.json."""
+    from transformers import GenerationConfig
+
+    from jaxllm.weights.sources import (DEFAULT_MODEL, load_generation_config, load_hf_config, load_tokenizer,
+                                        resolve_source)
+
+    load_tokenizer(resolve_source(DEFAULT_MODEL)).save_pretrained(checkpoint)
+    GenerationConfig(eos_token_id=2, temperature=0.7, do_sample=True).save_pretrained(checkpoint)
+    source = resolve_source(str(checkpoint))
+    tokenizer = load_tokenizer(source)
+    assert tokenizer.decode(tokenizer.encode("Paris, France")) == "Paris, France"
+    assert load_generation_config(source, load_hf_config(source)).temperature == 0.7
