@@ -45,7 +45,7 @@ def attend(
     seq, pos, valid = token_layout(md, num_tokens)
     qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
 
-    def page_column(carry, j):
+    def page_column(j, carry):
         m, l, acc = carry
         pages = kv_cache[layer, md.page_indices[seq, j]].astype(jnp.float32)  # [T, P, 2*KVH, D]
         k, v = pages[:, :, 0::2], pages[:, :, 1::2]
@@ -62,14 +62,16 @@ def attend(
         scale = jnp.exp(m - m_new)
         l = l * scale + p.sum(axis=-1)
         acc = acc * scale[..., None] + jnp.einsum("tkgp,tpkd->tkgd", p, v)
-        return (m_new, l, acc), None
+        return m_new, l, acc
 
     init = (
         jnp.full((num_tokens, num_kv_heads, group), _MASKED, jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
     )
-    (_, l, acc), _ = jax.lax.scan(page_column, init, jnp.arange(md.pages_per_seq))
+    # Only as many page columns as the longest sequence of this batch fills (a dynamic trip count).
+    num_columns = (jnp.max(md.kv_lens) + page_size - 1) // page_size
+    _, l, acc = jax.lax.fori_loop(0, jnp.minimum(num_columns, md.pages_per_seq), page_column, init)
     out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 

@@ -1,0 +1,87 @@
+"""`EngineConfig`: every knob of the engine under vLLM's names, with defaults resolved per platform."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+
+# vLLM's defaults where they suit; on CPU, smaller batches so that start-up compiles stay quick.
+_ACCELERATOR_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 2048}
+_CPU_DEFAULTS = {"max_num_seqs": 16, "max_num_batched_tokens": 256}
+CPU_KV_CACHE_BYTES = 1 << 30  # the KV cache on CPU when num_gpu_blocks_override is not given
+MIN_TOKEN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """What `LLM(...)` and `jaxllm serve` accept (vLLM's names)."""
+
+    model: str = "SmolLM2-135M-Instruct"
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    skip_tokenizer_init: bool = False
+    num_gpu_blocks_override: int | None = None
+    max_logprobs: int = 20
+    attention_backend: str = "auto"
+    generation_config: str = "auto"
+    compilation_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        defaults = _CPU_DEFAULTS if jax.default_backend() == "cpu" else _ACCELERATOR_DEFAULTS
+        if self.max_num_seqs is None:
+            self.max_num_seqs = defaults["max_num_seqs"]
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = defaults["max_num_batched_tokens"]
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]"),
+            (self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1"),
+            (self.block_size >= 1, "block_size", "must be at least 1"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be at least 1"),
+            (self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be at least 1"),
+            (self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1, "num_gpu_blocks_override",
+             "must be at least 1"),
+            (self.max_logprobs >= 0, "max_logprobs", "must be non-negative"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ValueError(f"{name} {message}, got {getattr(self, name)!r}")
+
+    def resolved_dtype(self) -> str:
+        """`auto` is the checkpoint's dtype on accelerators and float32 on CPU."""
+        if self.dtype == "auto" and jax.default_backend() == "cpu":
+            return "float32"
+        return self.dtype
+
+    def token_buckets(self) -> list[int]:
+        """Padded token counts of a step: powers of two from 16 up to `max_num_batched_tokens`."""
+        buckets, size = [], MIN_TOKEN_BUCKET
+        while size < self.max_num_batched_tokens:
+            buckets.append(size)
+            size *= 2
+        return buckets + [self.max_num_batched_tokens]
+
+    def seq_bucket(self, token_bucket: int) -> int:
+        """Padded number of sequences for a token bucket (a step never has more sequences than tokens)."""
+        return min(token_bucket, self.max_num_seqs)
+
+    def cache_dir(self) -> Path:
+        """JAX's persistent compilation cache: `compilation_cache_dir`, `$JAXLLM_CACHE_DIR`, or ~/.cache."""
+        if self.compilation_cache_dir:
+            return Path(self.compilation_cache_dir)
+        root = os.environ.get("JAXLLM_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxllm")
+        return Path(root) / "xla"

@@ -1,0 +1,158 @@
+"""Continuous batching in the style of vLLM v1: each step, give requests tokens until their computed count
+catches up with their token count, under a token budget and a sequence cap.
+
+Running requests go first, oldest first; a request whose next chunk needs pages that are not free preempts
+the newest running request (its pages freed, its tokens recomputed later) until it fits. Then waiting
+requests are admitted first come, first served. Long prompts are chunked by the budget. The scheduler only
+moves page numbers and counts; it never touches device arrays.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from jaxllm.block_pool import BlockPool
+from jaxllm.request import Request, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_tokens` tokens of `request`, starting at token `start`, go through the model this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """Whether this chunk reaches the request's last token, so that its sample is kept."""
+        return self.start + self.num_tokens == len(self.request.token_ids)
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """Owns the waiting queue, the running list and the block pool."""
+
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks, preempted = self._schedule_running(budget)
+        budget -= sum(c.num_tokens for c in chunks)
+        if not preempted:
+            chunks += self._admit_waiting(budget)
+        return SchedulerOutput(chunks, preempted)
+
+    def _schedule_running(self, budget: int) -> tuple[list[ScheduledChunk], list[Request]]:
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            while not self._reserve(request, request.num_computed_tokens + num_tokens):
+                victim = self.running.pop()  # the newest; never one already scheduled (those are before i)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    return chunks, preempted
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+            i += 1
+        return chunks, preempted
+
+    def _admit_waiting(self, budget: int) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        skipped: list[Request] = []
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            request = self.waiting.popleft()
+            if not self._leader_ready(request):
+                skipped.append(request)
+                continue
+            self._share_leader_pages(request)
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            if not self._reserve(request, request.num_computed_tokens + num_tokens):
+                self._release(request)
+                self.waiting.appendleft(request)
+                break
+            request.status, request.leader = Status.RUNNING, None
+            self.running.append(request)
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+        self.waiting.extendleft(reversed(skipped))
+        return chunks
+
+    @staticmethod
+    def _leader_ready(request: Request) -> bool:
+        """A parallel sample waits until its leader has computed the shared prompt (or gave up on it)."""
+        leader = request.leader
+        if leader is None:
+            return True
+        if leader.status is Status.RUNNING and leader.num_computed_tokens >= leader.num_prompt_tokens:
+            return True
+        if leader.finished:
+            request.leader = None
+            return True
+        return False
+
+    def _share_leader_pages(self, request: Request) -> None:
+        """Take the leader's full prompt pages; the partial last page is recomputed into a page of our own."""
+        leader = request.leader
+        if leader is None or leader.finished:
+            return
+        full = (request.num_prompt_tokens - 1) // self.pool.page_size
+        request.pages = self.pool.share(leader.pages[:full])
+        request.num_computed_tokens = full * self.pool.page_size
+
+    def _reserve(self, request: Request, num_tokens: int) -> bool:
+        """Make `request` hold pages for `num_tokens` tokens; False (nothing taken) if too few are free."""
+        needed = self.pool.pages_for(num_tokens) - len(request.pages)
+        if needed > self.pool.num_free:
+            return False
+        if needed > 0:
+            request.pages += self.pool.allocate(needed)
+        return True
+
+    def _release(self, request: Request) -> None:
+        self.pool.free(request.pages)
+        request.pages = []
+        request.num_computed_tokens = 0
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a request wherever it is and free its pages."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        request.finish(reason, stop_reason)
