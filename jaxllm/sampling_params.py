@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 GREEDY_EPS = 1e-5  # temperatures below this mean greedy, as in vLLM
+
+
+class RequestOutputKind(enum.Enum):
+    """What each `RequestOutput` of a request holds (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far
+    DELTA = 1  # only what is new since the last output
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclasses.dataclass
@@ -31,6 +40,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,0 +1,264 @@
+"""`LLMEngine`: requests in, `RequestOutput`s out, one `step()` at a time (vLLM's engine API).
+
+It owns the model runner (device side), the scheduler (host side) and the output processing, and does the
+checks that refuse a request up front rather than leave it hanging: empty prompts, token ids outside the
+vocabulary, prompts that cannot fit `max_model_len` or the KV cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from jaxllm.block_pool import BlockPool
+from jaxllm.compilation import enable_compilation_cache
+from jaxllm.detokenizer import IncrementalDetokenizer
+from jaxllm.engine_config import CPU_KV_CACHE_BYTES, EngineConfig
+from jaxllm.model_loader import load_model
+from jaxllm.output_processor import Completion, RequestGroup, position_logprobs
+from jaxllm.outputs import RequestOutput
+from jaxllm.parallel import make_mesh
+from jaxllm.request import Request
+from jaxllm.runner import MAX_BANNED, ModelRunner
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.scheduler import ScheduledChunk, Scheduler
+from jaxllm.weights.sources import load_generation_config, load_tokenizer, resolve_source
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | dict[str, Any]
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+class LLMEngine:
+    """Continuous batching over one model on one mesh."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        enable_compilation_cache(config.cache_dir())
+        mesh = make_mesh(tensor_parallel_size=config.tensor_parallel_size)
+        loaded = load_model(config.model, dtype=config.resolved_dtype(), mesh=mesh,
+                            attention_backend=config.attention_backend)
+        self.model_config = loaded.config
+        self._resolve_max_model_len(loaded.config.max_position_embeddings)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
+            resolve_source(config.tokenizer or config.model))
+        self.generation_config = load_generation_config(loaded.source, loaded.hf_config)
+        self.eos_token_ids = self._eos_ids(self.generation_config, self.tokenizer)
+        num_pages = self._num_pages(mesh)
+        logger.info("KV cache: %d pages of %d tokens (%d tokens)", num_pages, config.block_size,
+                    num_pages * config.block_size)
+        self.runner = ModelRunner(config, loaded.model, mesh, num_pages)
+        self.runner.warmup()
+        self.scheduler = Scheduler(BlockPool(num_pages, config.block_size), config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.groups: dict[str, RequestGroup] = {}
+        self._completions: dict[int, Completion] = {}
+        self._seeds = np.random.default_rng(config.seed)
+        self._ids = itertools.count()
+
+    def _resolve_max_model_len(self, model_max: int) -> None:
+        if self.config.max_model_len is None:
+            self.config.max_model_len = model_max
+        elif self.config.max_model_len > model_max:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {model_max}")
+
+    @staticmethod
+    def _eos_ids(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase | None) -> frozenset:
+        ids = generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def _num_pages(self, mesh: jax.sharding.Mesh) -> int:
+        """`num_gpu_blocks_override`, else what fits: a fixed budget on CPU, the memory left on accelerators."""
+        cfg, config = self.model_config, self.config
+        if config.num_gpu_blocks_override:
+            return config.num_gpu_blocks_override
+        kv_heads_per_device = max(cfg.num_kv_heads // config.tensor_parallel_size, 1)
+        page_bytes = (cfg.num_layers * config.block_size * 2 * kv_heads_per_device * cfg.head_dim
+                      * np.dtype(cfg.jnp_dtype).itemsize)
+        device = mesh.devices.flat[0]
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if not stats:
+            return max(CPU_KV_CACHE_BYTES // page_bytes, 1)
+        workspace = config.max_num_batched_tokens * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
+        workspace += config.seq_bucket(config.max_num_batched_tokens) * cfg.vocab_size * 16 + (256 << 20)
+        free = stats["bytes_limit"] * config.gpu_memory_utilization - stats["bytes_in_use"] - workspace
+        if free < page_bytes:
+            raise ValueError(f"no memory left for the KV cache (gpu_memory_utilization="
+                             f"{config.gpu_memory_utilization}); raise it or lower max_num_batched_tokens")
+        return int(free // page_bytes)
+
+    # ----- requests -----
+
+    def default_sampling_params(self) -> SamplingParams:
+        """vLLM's `generation_config="auto"`: the model's generation_config.json values are the defaults."""
+        if self.config.generation_config != "auto":
+            return SamplingParams()
+        diff = self.generation_config.to_diff_dict()
+        return SamplingParams(**{ours: diff[theirs] for theirs, ours in _GENERATION_DEFAULTS.items()
+                                 if theirs in diff})
+
+    def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """A string, `{"prompt": str}`, `{"prompt_token_ids": [...]}` or a list of ids -> (text, ids)."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True); pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return None, [int(t) for t in prompt]
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Queue a request; raises ValueError (and queues nothing) if it can never be served."""
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or self.default_sampling_params()
+        text, ids = self.tokenize_prompt(prompt)
+        max_tokens = self._validate(ids, params)
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+        banned = sorted((set() if params.ignore_eos else self.eos_token_ids) | set(params.stop_token_ids))
+        leader = None
+        completions = []
+        for index in range(params.n):
+            request = Request(request_id if params.n == 1 else f"{index}_{request_id}", list(ids), params,
+                              max_tokens, _child_seed(seed, index), index=index, leader=leader,
+                              min_tokens_banned=banned if params.min_tokens else [])
+            if index == 0 and params.prompt_logprobs is not None:
+                request.prompt_logprobs.append(None)
+            leader = leader or request
+            completions.append(Completion(request, request_id, self._detokenizer(ids, params),
+                                          self.eos_token_ids, self.config.max_model_len))
+        self.groups[request_id] = RequestGroup(request_id, text, list(ids), completions)
+        for completion in completions:
+            self._completions[id(completion.request)] = completion
+            self.scheduler.add(completion.request)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> int:
+        """Refuse what cannot be served; return the request's effective max_tokens."""
+        config = self.config
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        max_tokens = params.max_tokens if params.max_tokens is not None else config.max_model_len - len(ids)
+        if len(ids) + max_tokens > config.max_model_len:
+            raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is longer than "
+                             f"max_model_len ({config.max_model_len})")
+        pool = self.scheduler.pool
+        if pool.pages_for(len(ids) + max_tokens) > pool.num_pages:
+            raise ValueError(f"the prompt plus max_tokens ({len(ids) + max_tokens} tokens) is longer than the "
+                             f"whole KV cache ({pool.num_pages * pool.page_size} tokens)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > config.max_logprobs:
+                raise ValueError(f"{name} {value} is more than max_logprobs ({config.max_logprobs})")
+        if params.min_tokens and len(self.eos_token_ids | set(params.stop_token_ids)) > MAX_BANNED:
+            raise ValueError(f"min_tokens supports at most {MAX_BANNED} stop_token_ids")
+        return max_tokens
+
+    def _detokenizer(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                      params.spaces_between_special_tokens)
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
+        """End requests now, wherever they are; their pages are freed. Unknown ids are ignored."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        outputs = []
+        for request_id in ids:
+            group = self.groups.pop(request_id, None)
+            if group is None:
+                continue
+            for completion in group.completions:
+                if not completion.request.finished:
+                    self.scheduler.finish(completion.request, "abort")
+                self._completions.pop(id(completion.request), None)
+            outputs.append(group.output())
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # ----- stepping -----
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one model step, process its tokens; returns the outputs of requests that moved."""
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        result, prompt = self.runner.execute(out)
+        moved: dict[str, RequestGroup] = {}
+        for row, chunk in enumerate(out.chunks):
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            if prompt is not None and request.params.prompt_logprobs is not None and request.index == 0:
+                self._record_prompt_logprobs(chunk, prompt, int(sum(c.num_tokens for c in out.chunks[:row])))
+            if chunk.completes:
+                group_id = self._append(request, result, row)
+                moved[group_id] = self.groups[group_id]
+        return [output for group in moved.values() if (output := self._emit(group)) is not None]
+
+    def _append(self, request: Request, result, row: int) -> str:
+        """Give the request its sampled token; returns its group's id."""
+        completion = self._completions[id(request)]
+        token = int(result.tokens[row])
+        top = None
+        if request.params.logprobs is not None:
+            top = position_logprobs(token, result.logprobs[row], result.ranks[row], result.top_ids[row],
+                                    result.top_logprobs[row], request.params.logprobs, self._decode_token)
+        if completion.append(token, float(result.logprobs[row]), top):
+            self.scheduler.finish(request, request.finish_reason, request.stop_reason)
+        return completion.group_id
+
+    def _record_prompt_logprobs(self, chunk: ScheduledChunk, prompt, first_row: int) -> None:
+        request = chunk.request
+        for k in range(chunk.num_tokens):
+            target = chunk.start + k + 1  # the prompt token this row predicts
+            if target >= request.num_prompt_tokens or target != len(request.prompt_logprobs):
+                continue
+            row = first_row + k
+            request.prompt_logprobs.append(position_logprobs(
+                request.token_ids[target], prompt.token_logprobs[row], prompt.ranks[row], prompt.top_ids[row],
+                prompt.top_logprobs[row], request.params.prompt_logprobs, self._decode_token))
+
+    def _decode_token(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _emit(self, group: RequestGroup) -> RequestOutput | None:
+        """The group's output in the kind its request asked for (None: nothing to say yet)."""
+        kind = group.completions[0].request.params.output_kind
+        finished = group.finished
+        output = None if kind is RequestOutputKind.FINAL_ONLY and not finished else group.output(
+            delta=kind is RequestOutputKind.DELTA)
+        if finished:
+            del self.groups[group.request_id]
+            for completion in group.completions:
+                self._completions.pop(id(completion.request), None)
+        return output
+
+
+def _child_seed(seed: int, index: int) -> int:
+    """Distinct, reproducible seeds for the `n` completions of one request."""
+    return (seed * 1_000_003 + index * 7919) % (2**32)
