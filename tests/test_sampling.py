@@ -1,0 +1,115 @@
+"""On-device sampling: filtered distributions (chi-square), penalties, seeds, bans and logprobs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from jaxllm.sampling import SamplingInputs, apply_penalties, sample
+
+VOCAB = 40
+
+
+def inputs(rows, history=None, prompt_lens=None, banned=None, **values):
+    def col(name, default, dtype):
+        return jnp.asarray(np.broadcast_to(values.get(name, default), (rows,)), dtype)
+    history = np.full((rows, 8), -1, np.int32) if history is None else np.asarray(history, np.int32)
+    return SamplingInputs(
+        temperature=col("temperature", 1.0, jnp.float32), top_p=col("top_p", 1.0, jnp.float32),
+        top_k=col("top_k", 0, jnp.int32), min_p=col("min_p", 0.0, jnp.float32),
+        presence_penalty=col("presence", 0.0, jnp.float32), frequency_penalty=col("frequency", 0.0, jnp.float32),
+        repetition_penalty=col("repetition", 1.0, jnp.float32), seeds=col("seeds", 0, jnp.uint32),
+        steps=col("steps", 0, jnp.int32), history=jnp.asarray(history),
+        prompt_lens=jnp.asarray(np.broadcast_to(0 if prompt_lens is None else prompt_lens, (rows,)), jnp.int32),
+        banned=jnp.asarray(np.full((rows, 4), -1) if banned is None else banned, jnp.int32))
+
+
+def filtered_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """Independent numpy statement of the filters: min-p, then top-k, then top-p, on tempered logits."""
+    scaled = logits / temperature
+    scaled = scaled.astype(np.float64)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    keep = probs >= min_p * probs.max()
+    order = np.argsort(-scaled, kind="stable")
+    if top_k:
+        keep[order[top_k:]] = False
+    kept_probs = np.where(keep, probs, 0)
+    kept_probs /= kept_probs.sum()
+    mass_before = np.cumsum(kept_probs[order]) - kept_probs[order]
+    keep[order[mass_before >= top_p]] = False
+    out = np.where(keep, probs, 0)
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("settings", [
+    dict(top_k=5), dict(top_p=0.6), dict(min_p=0.15), dict(temperature=0.7, top_k=12, top_p=0.9, min_p=0.02),
+    dict(temperature=1.5),
+])
+def test_sampled_frequencies_match_filtered_softmax(settings):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, VOCAB).astype(np.float32)
+    draws = 6000
+    params = dict(settings)
+    inp = inputs(draws, seeds=123, steps=np.arange(draws), **params)
+    tokens = np.asarray(jax.jit(lambda l, i: sample(l, i, 4).tokens)(jnp.tile(logits, (draws, 1)), inp))
+    expected = filtered_probs(logits, **params)
+    counts = np.bincount(tokens, minlength=VOCAB)
+    assert counts[expected == 0].sum() == 0, "sampled a filtered-out token"
+    support = expected > 0
+    f_exp = expected[support] / expected[support].sum() * counts.sum()
+    assert chisquare(counts[support], f_exp).pvalue > 1e-3
+
+
+def test_repetition_penalty_matches_transformers():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (2, VOCAB)).astype(np.float32)
+    history = np.array([[1, 5, 5, 9, -1, -1, -1, -1], [2, 3, 30, 31, 2, -1, -1, -1]])
+    ours = apply_penalties(jnp.asarray(logits), inputs(2, history=history, prompt_lens=[2, 3], repetition=1.3))
+    for row in range(2):
+        ids = torch.tensor([[t for t in history[row] if t >= 0]])
+        ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, torch.tensor(logits[row:row + 1]))
+        np.testing.assert_allclose(np.asarray(ours[row]), ref[0].numpy(), rtol=1e-6)
+
+
+def test_frequency_and_presence_penalties_count_outputs_only():
+    logits = np.zeros((1, VOCAB), np.float32)
+    history = np.array([[4, 4, 6, 6, 6, 7, -1, -1]])  # prompt [4, 4], output [6, 6, 6, 7]
+    out = np.asarray(apply_penalties(jnp.asarray(logits), inputs(1, history=history, prompt_lens=2,
+                                                                 frequency=0.5, presence=0.25)))
+    assert out[0, 4] == 0.0
+    assert out[0, 6] == pytest.approx(-(0.5 * 3 + 0.25))
+    assert out[0, 7] == pytest.approx(-(0.5 + 0.25))
+
+
+def test_banned_tokens_are_never_drawn_and_greedy_takes_the_next_best():
+    logits = np.zeros((2, VOCAB), np.float32)
+    logits[:, 3], logits[:, 8] = 10.0, 9.0
+    banned = np.array([[3, -1, -1, -1], [3, 8, -1, -1]])
+    result = sample(jnp.asarray(logits), inputs(2, banned=banned, temperature=0.0), 2)
+    assert list(np.asarray(result.tokens)) == [8, int(np.argmax(np.where(np.isin(np.arange(VOCAB), [3, 8]), -1,
+                                                                         logits[1])))]
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 1, (8, VOCAB)).astype(np.float32)
+    batch = inputs(8, seeds=np.arange(8) * 11, steps=np.arange(8), temperature=0.9, top_p=0.95)
+    together = np.asarray(sample(jnp.asarray(logits), batch, 2).tokens)
+    for row in range(8):
+        alone = inputs(1, seeds=row * 11, steps=row, temperature=0.9, top_p=0.95)
+        assert int(sample(jnp.asarray(logits[row:row + 1]), alone, 2).tokens[0]) == together[row]
+
+
+def test_logprobs_are_raw_log_softmax():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 1, (3, VOCAB)).astype(np.float32)
+    result = sample(jnp.asarray(logits), inputs(3, temperature=0.0, repetition=2.0), 5)
+    raw = jax.nn.log_softmax(logits, axis=-1)
+    np.testing.assert_allclose(np.asarray(result.top_logprobs), -np.sort(-np.asarray(raw))[:, :5], rtol=1e-6)
+    chosen = np.asarray(result.tokens)
+    np.testing.assert_allclose(np.asarray(result.logprobs), np.asarray(raw)[np.arange(3), chosen], rtol=1e-6)
+    assert all(np.asarray(result.ranks) >= 1)
