@@ -1,0 +1,38 @@
+"""Shared pieces of the engine tests: the transformers reference for SmolLM2 and realistic prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+from jaxllm.weights.sources import DEFAULT_MODEL, resolve_source
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAREGPT = ROOT.parent / "shared" / "workloads" / "sharegpt1000.json"
+
+
+def hf_smollm2() -> transformers.PreTrainedModel:
+    source = resolve_source(DEFAULT_MODEL)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        source.directory, gguf_file=source.path.name, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt_ids: list[int], max_tokens: int, eos_token_id: int | None) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=eos_token_id, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def text_token_ids(tokenizer, count: int) -> list[list[int]]:
+    """Real text as token ids: ShareGPT prompts (SmolLM2's tokenizer) when the workload is beside the repo,
+    else this repository's own docs."""
+    if SHAREGPT.is_file():
+        requests = json.loads(SHAREGPT.read_text())["requests"]
+        return [r["prompt_token_ids"] for r in requests[:count]]
+    text = " ".join(p.read_text() for p in sorted(ROOT.glob("docs/*.md")) + [ROOT / "README.md"])
+    ids = tokenizer.encode(text)
+    return [ids[i * 37:] for i in range(count)]

@@ -1,0 +1,175 @@
+"""The engine end to end on SmolLM2 (CPU, float32): parity with transformers, batch invariance under
+preemption and chunked prefill, seeds, logprobs, no compilation after warm-up, no leaked pages, errors."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from tests.engine_fixtures import hf_greedy, hf_smollm2, text_token_ids
+
+CHATS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is 12 times 12?",
+    "Give me a tip for learning Python.",
+]
+RAW = ["The capital of Germany is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=128,
+               compilation_cache_dir=str(tmp_path_factory.mktemp("xla")))
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return hf_smollm2()
+
+
+def assert_all_pages_free(llm):
+    pool = llm.llm_engine.scheduler.pool
+    assert pool.num_free == pool.num_pages
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_greedy_chat_and_raw_prompts_match_transformers(llm, hf):
+    eos = 2
+    chats = llm.chat([[{"role": "user", "content": c}] for c in CHATS], GREEDY, use_tqdm=False)
+    raws = llm.generate(RAW, GREEDY, use_tqdm=False)
+    for out in chats + raws:
+        expected = hf_greedy(hf, out.prompt_token_ids, 20, eos)
+        assert out.outputs[0].token_ids == expected, out.prompt
+    assert chats[0].outputs[0].text == "The capital of France is Paris."
+    assert chats[0].outputs[0].finish_reason == "stop" and raws[0].outputs[0].finish_reason == "length"
+    assert_all_pages_free(llm)
+
+
+def test_prompt_logprobs_match_transformers(llm, hf):
+    import torch
+    out = llm.generate(RAW[2], SamplingParams(max_tokens=3, prompt_logprobs=2, logprobs=3, temperature=0),
+                       use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0], -1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for pos in range(1, len(ids)):
+        entry = out.prompt_logprobs[pos]
+        assert entry[ids[pos]].logprob == pytest.approx(ref[pos - 1, ids[pos]], abs=2e-3)
+        assert len(entry) in (2, 3)
+    steps = out.outputs[0].logprobs
+    assert len(steps) == 3 and all(len(s) in (3, 4) for s in steps)
+    assert out.outputs[0].cumulative_logprob == pytest.approx(
+        sum(s[t].logprob for s, t in zip(steps, out.outputs[0].token_ids)), abs=1e-4)
+
+
+def workload(llm, count=32):
+    """32 greedy requests with prompts from 1 to 600 tokens."""
+    texts = text_token_ids(llm.get_tokenizer(), count)
+    lengths = np.linspace(1, 600, count).astype(int)
+    prompts = [{"prompt_token_ids": (t * 10)[:n]} for t, n in zip(texts, lengths)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + i % 6, ignore_eos=True) for i in range(count)]
+    return prompts, params
+
+
+@pytest.mark.slow
+def test_batch_invariance_with_preemption_and_chunked_prefill(llm, tmp_path):
+    prompts, params = workload(llm)
+    alone = [llm.generate(p, s, use_tqdm=False)[0].outputs[0].token_ids for p, s in zip(prompts, params)]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert together == alone
+    assert_all_pages_free(llm)
+    tiny = LLM(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=48, num_gpu_blocks_override=48,
+               compilation_cache_dir=str(tmp_path))
+    cramped = [o.outputs[0].token_ids for o in tiny.generate(prompts, params, use_tqdm=False)]
+    assert tiny.llm_engine.scheduler.num_preemptions > 0
+    assert cramped == alone
+    assert_all_pages_free(tiny)
+
+
+def test_seeded_sampling_is_reproducible_across_batches(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
+    alone = llm.generate(RAW[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.7, max_tokens=8), SamplingParams(temperature=0.0, max_tokens=5)]
+    mixed = llm.generate([RAW[1], RAW[0], RAW[2]], [others[0], params, others[1]], use_tqdm=False)
+    assert mixed[1].outputs[0].token_ids == alone
+    unseeded = llm.generate([RAW[0]] * 2, SamplingParams(temperature=1.0, max_tokens=12), use_tqdm=False)
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
+
+
+def test_parallel_samples(llm):
+    out = llm.generate(RAW[2], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    again = llm.generate(RAW[2], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10), use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    assert_all_pages_free(llm)
+
+
+def test_stop_strings_and_stop_tokens(llm):
+    base = llm.generate(RAW[1], GREEDY, use_tqdm=False)[0].outputs[0]
+    stop = base.text[5:9]
+    cut = llm.generate(RAW[1], GREEDY.clone(stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.text == base.text[:base.text.index(stop)] and cut.stop_reason == stop
+    kept = llm.generate(RAW[1], GREEDY.clone(stop=[stop], include_stop_str_in_output=True), use_tqdm=False)[0]
+    assert kept.outputs[0].text == base.text[:base.text.index(stop) + len(stop)]
+    token = base.token_ids[3]
+    by_id = llm.generate(RAW[1], GREEDY.clone(stop_token_ids=[token]), use_tqdm=False)[0].outputs[0]
+    assert by_id.token_ids == base.token_ids[:base.token_ids.index(token) + 1] and by_id.stop_reason == token
+
+
+def test_min_tokens_and_ignore_eos(llm):
+    question = [{"role": "user", "content": CHATS[0]}]
+    short = llm.chat(question, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
+    assert short.token_ids[-1] == 2
+    longer = llm.chat(question, SamplingParams(temperature=0, max_tokens=40, min_tokens=len(short.token_ids) + 3),
+                      use_tqdm=False)[0].outputs[0]
+    assert 2 not in longer.token_ids[:len(short.token_ids) + 2]
+    forced = llm.chat(question, SamplingParams(temperature=0, max_tokens=15, ignore_eos=True),
+                      use_tqdm=False)[0].outputs[0]
+    assert len(forced.token_ids) == 15 and forced.finish_reason == "length"
+
+
+def test_no_compilation_after_warmup(llm):
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        llm.chat([[{"role": "user", "content": c}] for c in CHATS[:3]], GREEDY, use_tqdm=False)
+        llm.generate(RAW + [{"prompt_token_ids": list(range(5, 300))}],
+                     [SamplingParams(temperature=0.8, top_k=20, max_tokens=6, logprobs=2),
+                      SamplingParams(n=2, temperature=1.0, presence_penalty=0.5, repetition_penalty=1.2,
+                                     max_tokens=9, seed=3),
+                      SamplingParams(temperature=0, stop=["\n"], min_tokens=2, max_tokens=7),
+                      SamplingParams(temperature=0.5, min_p=0.1, top_p=0.8, max_tokens=3)], use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_abort_frees_every_page(llm):
+    engine = llm.llm_engine
+    for i in range(5):
+        engine.add_request(f"abort-{i}", RAW[i % 3] * 20, SamplingParams(max_tokens=50, n=1 + i % 2))
+    for _ in range(3):
+        engine.step()
+    assert engine.scheduler.pool.num_free < engine.scheduler.pool.num_pages
+    outputs = engine.abort_request([f"abort-{i}" for i in range(5)])
+    assert all(o.finished and o.outputs[0].finish_reason == "abort" for o in outputs)
+    assert_all_pages_free(llm)
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ("hi", SamplingParams(max_tokens=1024), "max_model_len"),
+    ({"prompt_token_ids": [1, 99999]}, SamplingParams(), "vocabulary"),
+    ({"prompt_token_ids": []}, SamplingParams(), "empty"),
+    ("hi", SamplingParams(logprobs=50), "max_logprobs"),
+])
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(["fine prompt", prompt], params, use_tqdm=False)
+    assert_all_pages_free(llm)
+    assert llm.generate(RAW[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
