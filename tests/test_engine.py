@@ -20,9 +20,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=20)
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return LLM(max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=128,
-               compilation_cache_dir=str(tmp_path_factory.mktemp("xla")))
+def llm(smollm2_llm):
+    return smollm2_llm
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,14 @@ def resolve_source(model: str | Path) -> ModelSource:
         f"({known}); no model hub is reachable")
 
 
-def load_hf_config(source: ModelSource) -> PretrainedConfig:
+@functools.lru_cache(maxsize=8)
+def _cached_config(source: ModelSource) -> PretrainedConfig:
     return AutoConfig.from_pretrained(source.directory, **source._hf_kwargs())
+
+
+def load_hf_config(source: ModelSource) -> PretrainedConfig:
+    """The model's config (parsing a GGUF's metadata takes seconds, so each file is parsed once)."""
+    return copy.deepcopy(_cached_config(source))
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
