@@ -26,7 +26,7 @@ def make_checkpoint(path: str, layers: int, hidden: int) -> None:
                                       num_key_value_heads=hidden // 128, max_position_embeddings=2048,
                                       architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # dtype "auto" -> bf16
 
 
 def hf_greedy(path: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -35,6 +35,7 @@ def hf_greedy(path: str, prompts: list[list[int]], max_tokens: int) -> list[list
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
     outs = []
     with torch.no_grad():
         for p in prompts:

@@ -108,6 +108,11 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_cache: jax.Array,
                  md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
         """Hidden states `[T, E]` after the final norm, and the updated KV cache."""
+        with jax.default_matmul_precision(_matmul_precision(self.cfg)):
+            return self._forward(tokens, positions, kv_cache, md)
+
+    def _forward(self, tokens: jax.Array, positions: jax.Array, kv_cache: jax.Array,
+                 md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         x = self.embed_tokens[...][tokens]
         inv_freq = jnp.asarray(rope_inv_freq(cfg.rope, cfg.head_dim))
@@ -125,4 +130,10 @@ class LlamaForCausalLM(nnx.Module):
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[N, vocab]` for the given hidden rows."""
         head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+        with jax.default_matmul_precision(_matmul_precision(self.cfg)):
+            return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+
+
+def _matmul_precision(cfg: ModelConfig) -> str:
+    """A float32 model computes in true float32 (GPUs would otherwise use TF32), as PyTorch does by default."""
+    return "highest" if cfg.dtype == "float32" else "default"
