@@ -46,7 +46,7 @@ def attend(
     qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
 
     def page_column(j, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         pages = kv_cache[layer, md.page_indices[seq, j]].astype(jnp.float32)  # [T, P, 2*KVH, D]
         k, v = pages[:, :, 0::2], pages[:, :, 1::2]
         s = jnp.einsum("tkgd,tpkd->tkgp", qg, k)
@@ -60,9 +60,9 @@ def attend(
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(allowed[:, None, None, :], jnp.exp(s - m_new[..., None]), 0.0)
         scale = jnp.exp(m - m_new)
-        l = l * scale + p.sum(axis=-1)
+        denom = denom * scale + p.sum(axis=-1)
         acc = acc * scale[..., None] + jnp.einsum("tkgp,tpkd->tkgd", p, v)
-        return m_new, l, acc
+        return m_new, denom, acc
 
     init = (
         jnp.full((num_tokens, num_kv_heads, group), _MASKED, jnp.float32),
@@ -71,8 +71,8 @@ def attend(
     )
     # Only as many page columns as the longest sequence of this batch fills (a dynamic trip count).
     num_columns = (jnp.max(md.kv_lens) + page_size - 1) // page_size
-    _, l, acc = jax.lax.fori_loop(0, jnp.minimum(num_columns, md.pages_per_seq), page_column, init)
-    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
+    _, denom, acc = jax.lax.fori_loop(0, jnp.minimum(num_columns, md.pages_per_seq), page_column, init)
+    out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 

@@ -134,7 +134,11 @@ def test_min_tokens_and_ignore_eos(llm):
 
 def test_no_compilation_after_warmup(llm):
     compiles = []
-    listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         llm.chat([[{"role": "user", "content": c}] for c in CHATS[:3]], GREEDY, use_tqdm=False)

@@ -3,7 +3,6 @@ greedy parity with transformers, generation_config defaults, and the interactive
 
 import numpy as np
 import pytest
-import torch
 from transformers import GenerationConfig
 
 from jaxllm import LLM, SamplingParams

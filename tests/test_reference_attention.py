@@ -34,7 +34,7 @@ def random_batch(rng, q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, page_
 def dense_attention(q, k, v, cache, md, layer, sm_scale, sliding_window=None, soft_cap=None):
     """Per sequence: gather its K/V densely (cached prefix + new rows), softmax with an explicit mask."""
     cu, kv_lens, table = (np.asarray(x) for x in (md.cu_q_lens, md.kv_lens, md.page_indices))
-    page_size, group = cache.shape[2], q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1]
     out = np.zeros_like(q)
     for s in range(int(md.num_seqs[0])):
         q_len, kv_len = cu[s + 1] - cu[s], kv_lens[s]

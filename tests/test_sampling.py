@@ -55,7 +55,7 @@ def test_sampled_frequencies_match_filtered_softmax(settings):
     draws = 6000
     params = dict(settings)
     inp = inputs(draws, seeds=123, steps=np.arange(draws), **params)
-    tokens = np.asarray(jax.jit(lambda l, i: sample(l, i, 4).tokens)(jnp.tile(logits, (draws, 1)), inp))
+    tokens = np.asarray(jax.jit(lambda x, i: sample(x, i, 4).tokens)(jnp.tile(logits, (draws, 1)), inp))
     expected = filtered_probs(logits, **params)
     counts = np.bincount(tokens, minlength=VOCAB)
     assert counts[expected == 0].sum() == 0, "sampled a filtered-out token"
