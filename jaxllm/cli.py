@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--input", help="JSONL file: one string, {'prompt': ...} or {'prompt_token_ids': ...} "
                                           "per line ('-' for stdin)")
     generate.add_argument("--output", help="JSONL results file (default: stdout)")
+    convert = commands.add_parser("convert", help="convert a Hugging Face or GGUF checkpoint to a jaxllm "
+                                                  "model directory")
+    convert.add_argument("src", help="a Hugging Face model directory, a .gguf file or a known model name")
+    convert.add_argument("out", help="the model directory to create")
+    convert.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    convert.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     chat = commands.add_parser("chat", help="an interactive chat that streams tokens")
     chat.add_argument("--system", help="a system message")
     for sub in (generate, chat):
@@ -113,6 +120,16 @@ def run_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def run_convert(args: argparse.Namespace) -> None:
+    from conversion import convert, plan
+
+    if args.dry_run:
+        print(plan(args.src, args.dtype).describe())
+        return
+    done = convert(args.src, args.out, args.dtype, args.overwrite)
+    print(f"{args.out}: {done.config.architecture}, {done.num_parameters:,} parameters, {done.config.dtype}")
+
+
 def _ask() -> str:
     try:
         return input("> ").strip()
@@ -123,9 +140,11 @@ def _ask() -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "chat": run_chat}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+        {"generate": run_generate, "chat": run_chat, "convert": run_convert}[args.command](args)
+    except (ValueError, OSError) as e:  # bad input: a message, never a traceback
         raise SystemExit(f"jaxllm {args.command}: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

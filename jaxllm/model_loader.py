@@ -8,13 +8,16 @@ logical axes are known before a byte is read; each checkpoint tensor is checked 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from typing import Callable
+from pathlib import Path
+from typing import Any, Iterator
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
@@ -22,6 +25,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import model_class
 from jaxllm.parallel import ShardingRules, make_mesh, named_sharding
 from jaxllm.weights.mapping import TensorRule, tensor_rules
+from jaxllm.weights.model_dir import PARAMS_DIR
 from jaxllm.weights.readers import CheckpointError, GGUFReader, SafetensorsReader, TensorReader
 from jaxllm.weights.sources import ModelSource, load_hf_config, resolve_source
 
@@ -59,9 +63,11 @@ def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
     hf_config = load_hf_config(source)
     cfg = ModelConfig.from_hf(hf_config, dtype)
     mesh = mesh or make_mesh()
-    reader = open_reader(source, cfg)
     abstract = abstract_model(cfg, attention_backend)
-    built = _fill(abstract, lambda rule: read_tensor(reader, rule, cfg), mesh, rules, cfg)
+    if source.kind == "jaxllm":
+        built = _restore(abstract, source.path / PARAMS_DIR, mesh, rules)
+    else:
+        built = _fill(abstract, open_reader(source, cfg), mesh, rules, cfg)
     logger.info("loaded %s (%s, %s) from %s", cfg.architecture, cfg.dtype, _count(built), source.path)
     return LoadedModel(built, cfg, mesh, hf_config, source)
 
@@ -83,43 +89,82 @@ def random_model(cfg: ModelConfig, mesh: Mesh | None = None, rules: ShardingRule
 
 
 def open_reader(source: ModelSource, cfg: ModelConfig) -> TensorReader:
+    """A reader of the source's tensors by Hugging Face name (converted directories are restored instead)."""
+    if source.kind == "jaxllm":
+        raise ValueError(f"{source.path} is already a converted jaxllm model directory")
     if source.kind == "gguf":
         return GGUFReader(source.path, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
     return SafetensorsReader(source.path)
 
 
-def read_tensor(reader: TensorReader, rule: TensorRule, cfg: ModelConfig) -> np.ndarray:
-    """One parameter in jaxllm layout; per-layer tensors stacked on the `layers` axis."""
+def read_tensor(reader: TensorReader, rule: TensorRule, cfg: ModelConfig, shape: tuple[int, ...]) -> np.ndarray:
+    """One parameter in jaxllm layout, each checkpoint tensor checked against `shape` (per-layer ones stacked)."""
     names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)] if rule.per_layer else [rule.hf_name]
+    part_shape = shape[1:] if rule.per_layer else shape
     parts = []
     for name in names:
         try:
-            parts.append(rule.transform(reader.get(name), cfg))
+            raw = reader.get(name)
         except KeyError:
             raise CheckpointError(f"checkpoint has no tensor {name!r} (needed for {'.'.join(rule.path)})") from None
-        except ValueError as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"tensor {name!r} does not fit the config: {e}") from e
+        try:
+            part = rule.transform(raw, cfg)
+        except ValueError:
+            part = None
+        if part is None or part.shape != part_shape:
+            per_layer = " per layer" if rule.per_layer else ""
+            raise CheckpointError(f"tensor {name!r} has shape {raw.shape}, which does not fit the config "
+                                  f"({'.'.join(rule.path)} needs {part_shape}{per_layer})")
+        parts.append(part)
     return np.stack(parts) if rule.per_layer else parts[0]
 
 
-def _fill(abstract: nnx.Module, read: Callable[[TensorRule], np.ndarray], mesh: Mesh, rules: ShardingRules,
-          cfg: ModelConfig) -> nnx.Module:
-    """Read every parameter, check its shape, and place it in its sharding."""
-    graphdef, state = nnx.split(abstract)
-    variables = dict(nnx.to_flat_state(state))
-    for rule in tqdm(tensor_rules(cfg), desc="loading weights", unit="tensor", leave=False):
+def checked_tensors(abstract: nnx.Module, reader: TensorReader, cfg: ModelConfig
+                    ) -> Iterator[tuple[tuple[str, ...], nnx.Variable, np.ndarray]]:
+    """Every parameter's checkpoint value, read and checked against the model's shape (with a progress bar)."""
+    variables = dict(nnx.to_flat_state(nnx.state(abstract)))
+    for rule in tqdm(tensor_rules(cfg), desc="reading weights", unit="tensor", leave=False):
         var = variables.pop(rule.path)
-        array = read(rule)
-        if array.shape != var.shape:
-            raise CheckpointError(f"tensor for {'.'.join(rule.path)} ({rule.hf_name}) has shape {array.shape}, "
-                                  f"the config implies {var.shape}")
-        sharding: NamedSharding = named_sharding(var.shape, var.logical_axes, mesh, rules)
-        var.set_value(jax.device_put(array.astype(var.dtype), sharding))
+        yield rule.path, var, read_tensor(reader, rule, cfg, var.shape)
     if variables:
         raise CheckpointError(f"no checkpoint rule for parameters {sorted('.'.join(p) for p in variables)}")
+
+
+def _fill(abstract: nnx.Module, reader: TensorReader, mesh: Mesh, rules: ShardingRules,
+          cfg: ModelConfig) -> nnx.Module:
+    """Read every parameter and place it in its sharding."""
+    graphdef, state = nnx.split(abstract)
+    variables = dict(nnx.to_flat_state(state))
+    for path, var, array in checked_tensors(abstract, reader, cfg):
+        sharding = named_sharding(var.shape, var.logical_axes, mesh, rules)
+        variables[path].set_value(jax.device_put(array.astype(var.dtype), sharding))
     return nnx.merge(graphdef, state)
+
+
+def _restore(abstract: nnx.Module, params_dir: Path, mesh: Mesh, rules: ShardingRules) -> nnx.Module:
+    """Restore a converted model's parameters straight into their shardings: each device reads its shards."""
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    target = nest({path: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=named_sharding(
+        v.shape, v.logical_axes, mesh, rules)) for path, v in flat})
+    try:
+        restored = ocp.StandardCheckpointer().restore(params_dir, target)
+    except Exception as e:
+        raise CheckpointError(f"{params_dir}: cannot restore the parameters ({e})") from e
+    for path, var in flat:
+        var.set_value(functools.reduce(lambda tree, key: tree[key], path, restored))
+    return nnx.merge(graphdef, state)
+
+
+def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    """`{("layers", "attn", "q_proj"): x}` -> `{"layers": {"attn": {"q_proj": x}}}` (the saved tree's shape)."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
 
 
 def _count(model: nnx.Module) -> str:

@@ -15,6 +15,9 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from jaxllm.weights.model_dir import is_converted
+from jaxllm.weights.readers import CheckpointError
+
 
 @dataclasses.dataclass(frozen=True)
 class KnownModel:
@@ -42,14 +45,14 @@ KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"] = KNOWN_MODELS[DEFAULT_MODEL
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
-    """A resolved checkpoint: `kind` is `hf` (a directory) or `gguf` (a file)."""
+    """A resolved checkpoint: `kind` is `hf` (a directory), `gguf` (a file) or `jaxllm` (a converted directory)."""
 
     kind: str
     path: Path
 
     @property
     def directory(self) -> Path:
-        return self.path if self.kind == "hf" else self.path.parent
+        return self.path.parent if self.kind == "gguf" else self.path
 
     def _hf_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.path.name} if self.kind == "gguf" else {}
@@ -65,7 +68,7 @@ def resolve_source(model: str | Path) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-        return ModelSource("hf", path)
+        return ModelSource("jaxllm" if is_converted(path) else "hf", path)
     known = ", ".join(KNOWN_MODELS)
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a Hugging Face model directory, a .gguf file, nor a known name "
@@ -74,7 +77,10 @@ def resolve_source(model: str | Path) -> ModelSource:
 
 @functools.lru_cache(maxsize=8)
 def _cached_config(source: ModelSource) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(source.directory, **source._hf_kwargs())
+    try:
+        return AutoConfig.from_pretrained(source.directory, **source._hf_kwargs())
+    except Exception as e:  # transformers raises many kinds (struct.error, JSONDecodeError...) for broken files
+        raise CheckpointError(f"{source.path}: cannot read the model config ({type(e).__name__}: {e})") from e
 
 
 def load_hf_config(source: ModelSource) -> PretrainedConfig:
@@ -84,7 +90,10 @@ def load_hf_config(source: ModelSource) -> PretrainedConfig:
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, chat template included (for GGUF, built from its metadata)."""
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **source._hf_kwargs())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, **source._hf_kwargs())
+    except Exception as e:
+        raise CheckpointError(f"{source.path}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
     if source.kind == "gguf":
         _special_tokens_from_gguf(tokenizer, load_hf_config(source))
     return tokenizer
@@ -100,6 +109,6 @@ def _special_tokens_from_gguf(tokenizer: PreTrainedTokenizerBase, hf_config: Pre
 
 def load_generation_config(source: ModelSource, hf_config: PretrainedConfig) -> GenerationConfig:
     """`generation_config.json` when the directory has one, else what the model config implies."""
-    if source.kind == "hf" and (source.path / "generation_config.json").is_file():
+    if source.kind != "gguf" and (source.path / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(source.path)
     return GenerationConfig.from_model_config(hf_config)
