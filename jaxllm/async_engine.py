@@ -53,9 +53,10 @@ class AsyncEngine:
         busy = self.engine.has_unfinished_requests()
         return not busy or time.monotonic() - self._last_progress < self.stall_timeout_s
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its outputs until it finishes (ValueError if it is refused)."""
+    def generate(self, prompt: Prompt, params: SamplingParams | None, request_id: str
+                 ) -> AsyncIterator[RequestOutput]:
+        """Queue a request now (ValueError at once if it is refused) and return the iterator of its outputs.
+        Call it inside a running event loop; the outputs are delivered to that loop."""
         if self.error is not None:
             raise EngineDeadError(f"the engine step loop died: {self.error!r}")
         params = params or self.engine.default_sampling_params()
@@ -66,6 +67,9 @@ class AsyncEngine:
             self.engine.add_request(request_id, prompt, params)
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._wake.set()
+        return self._outputs(request_id, queue)
+
+    async def _outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -78,6 +82,10 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

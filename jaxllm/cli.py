@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Sequence, get_type_hints
 
 from jaxllm.engine_config import EngineConfig
+from serving import server as serving_server
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.weights.sources import DEFAULT_MODEL
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (generate, chat):
         _add_fields(sub, EngineConfig, engine_fields)
         _add_fields(sub, SamplingParams, _SAMPLING_FLAGS)
+    serve = commands.add_parser("serve", help="the OpenAI-compatible server")
+    serving_server.add_arguments(serve)
+    _add_fields(serve, EngineConfig, engine_fields, skip=("model",))
     return parser
 
 
@@ -120,6 +124,11 @@ def run_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    engine_fields = [f.name for f in dataclasses.fields(EngineConfig)]
+    serving_server.run(serving_server.settings(args, engine_fields), engine_fields)
+
+
 def run_convert(args: argparse.Namespace) -> None:
     from conversion import convert, plan
 
@@ -140,7 +149,8 @@ def _ask() -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "chat": run_chat, "convert": run_convert}[args.command](args)
+        commands = {"generate": run_generate, "chat": run_chat, "convert": run_convert, "serve": run_serve}
+        commands[args.command](args)
     except (ValueError, OSError) as e:  # bad input: a message, never a traceback
         raise SystemExit(f"jaxllm {args.command}: {e}") from None
     except KeyboardInterrupt:
