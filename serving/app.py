@@ -88,15 +88,29 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_guards(app: FastAPI) -> None:
-    config: ServerConfig = app.state.config
+    app.add_middleware(_Guard, app_state=app.state)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if app.state.shutting_down and request.url.path not in ("/health", "/metrics"):
-            return error_response(503, "the server is shutting down")
-        if config.api_key and request.url.path.startswith("/v1") and not _authorized(request, config.api_key):
-            return error_response(401, "invalid or missing API key")
-        return await call_next(request)
+
+class _Guard:
+    """503 while shutting down, 401 without the API key on /v1. A plain ASGI middleware: Starlette's
+    `BaseHTTPMiddleware` would hide client disconnects from the endpoints."""
+
+    def __init__(self, app, app_state):
+        self.app, self.state = app, app_state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            config: ServerConfig = self.state.config
+            rejection = None
+            if self.state.shutting_down and request.url.path not in ("/health", "/metrics"):
+                rejection = error_response(503, "the server is shutting down")
+            elif config.api_key and request.url.path.startswith("/v1") and not _authorized(request, config.api_key):
+                rejection = error_response(401, "invalid or missing API key")
+            if rejection is not None:
+                await rejection(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _authorized(request: Request, api_key: str) -> bool:
@@ -154,6 +168,7 @@ def _install_routes(app: FastAPI) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         _check_request(app, body)
+        _check_capacity(app)
         params = body.sampling_params(engine.engine.default_sampling_params(), body.max_tokens, body.logprobs)
         prompts = _completion_prompts(body.prompt)
         generations = _start(engine, [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}
@@ -165,6 +180,7 @@ def _install_routes(app: FastAPI) -> None:
     async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
         _check_request(app, body)
         parse_tools = _tool_parsing(config, body)
+        _check_capacity(app)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = body.sampling_params(engine.engine.default_sampling_params(), max_tokens,
                                       (body.top_logprobs or 0) if body.logprobs else None)
@@ -205,7 +221,10 @@ def _check_request(app: FastAPI, body) -> None:
     field = body.unsupported()
     if field:
         raise APIError(400, f"'{field}' is not supported by this server", field)
-    limit = config.max_queued_requests
+
+
+def _check_capacity(app: FastAPI) -> None:
+    limit = app.state.config.max_queued_requests
     if limit is not None and app.state.engine.num_waiting >= limit:
         raise APIError(429, f"the queue is full ({limit} requests waiting); try again later")
 

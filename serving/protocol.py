@@ -71,7 +71,8 @@ class _Sampling(BaseModel):
             "skip_special_tokens": self.skip_special_tokens,
             "spaces_between_special_tokens": self.spaces_between_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
-            "output_kind": RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY})
+            # The server always streams from the engine (metrics per token, disconnects noticed early).
+            "output_kind": RequestOutputKind.DELTA})
 
 
 class CompletionRequest(_Sampling):
