@@ -4,8 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+MODEL ?= SmolLM2-135M-Instruct
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: venv test clean
+.PHONY: venv test serve clean
 
 venv: $(STAMP)
 
@@ -18,6 +21,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	$(VENV)/bin/jaxllm serve $(MODEL) --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -91,8 +91,11 @@ def _template(value: str | None) -> str | None:
 
 
 class GracefulServer(uvicorn.Server):
-    """Marks the app as shutting down (503 for new requests) as soon as a stop signal arrives."""
+    """Marks the app as shutting down (503 for new requests) as soon as a stop signal arrives, and treats
+    the signal as the normal way to stop: after the graceful shutdown the process exits 0 (uvicorn would
+    re-raise the signal, so that a service manager sees 143)."""
 
     def handle_exit(self, sig, frame) -> None:
         self.config.app.state.shutting_down = True
         super().handle_exit(sig, frame)
+        getattr(self, "_captured_signals", []).clear()
