@@ -61,6 +61,7 @@ def main() -> None:
         time_load(model)  # warm the OS file cache
         times = sorted(time_load(model) for _ in range(args.repeats))
         rows.append((label, times[len(times) // 2], times))
+    print()
     print(f"| {args.which}: {done.num_parameters / 1e9:.2f}B parameters, {done.config.dtype} | median load s | all |")
     print("| --- | --- | --- |")
     for label, median, times in rows:
