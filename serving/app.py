@@ -8,6 +8,7 @@ OpenAI-style error and touches nothing else; a client that disconnects has its r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import time
@@ -54,8 +55,16 @@ class Generation:
     stream: AsyncIterator[RequestOutput]
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="jaxllm", version=jaxllm.__version__)
+def build_app(engine: AsyncEngine, config: ServerConfig, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The app; `on_ready` runs once the server has started (to say where it listens)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if on_ready is not None:
+            on_ready()
+        yield
+
+    app = FastAPI(title="jaxllm", version=jaxllm.__version__, lifespan=lifespan)
     app.state.engine, app.state.config, app.state.shutting_down = engine, config, False
     app.state.metrics = ServerMetrics(engine.engine, config.served_model_names[0])
     _install_error_handlers(app)

@@ -72,12 +72,12 @@ def run(values: dict[str, Any], engine_fields: list[str]) -> None:
         enable_auto_tool_choice=bool(values.get("enable_auto_tool_choice")),
         tool_call_parser=values.get("tool_call_parser"))
     engine = AsyncEngine.from_config(engine_config)
-    app = build_app(engine, server_config)
     host, port = values.get("host") or "127.0.0.1", int(values.get("port") or 8000)
+    names = ", ".join(server_config.served_model_names)
+    app = build_app(engine, server_config, on_ready=lambda: logger.info(
+        "ready: serving %s as %s at http://%s:%d/v1", model, names, host, port))
     server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=values.get("uvicorn_log_level", "info"),
                                            timeout_graceful_shutdown=values.get("timeout_graceful_shutdown", 30)))
-    logger.info("serving %s as %s at http://%s:%d/v1", model, ", ".join(server_config.served_model_names), host,
-                port)
     try:
         server.run()
     finally:
