@@ -37,6 +37,9 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        # JAX reserves XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of each GPU when its backend starts:
+        # make that our budget, unless the user chose a fraction or JAX has started already.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{self.gpu_memory_utilization:.4f}")
         defaults = _CPU_DEFAULTS if jax.default_backend() == "cpu" else _ACCELERATOR_DEFAULTS
         if self.max_num_seqs is None:
             self.max_num_seqs = defaults["max_num_seqs"]
@@ -59,6 +62,14 @@ class EngineConfig:
         for ok, name, message in checks:
             if not ok:
                 raise ValueError(f"{name} {message}, got {getattr(self, name)!r}")
+
+    def memory_budget(self, device: jax.Device, bytes_limit: int) -> float:
+        """Bytes jaxllm may use on `device`: `gpu_memory_utilization` of the accelerator, within what JAX
+        reserved (`bytes_limit`: on GPUs, XLA_PYTHON_CLIENT_MEM_FRACTION of the memory; on TPUs, all of it)."""
+        if device.platform == "gpu":
+            reserved = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+            return bytes_limit * min(1.0, self.gpu_memory_utilization / reserved)
+        return bytes_limit * self.gpu_memory_utilization
 
     def resolved_dtype(self) -> str:
         """`auto` is the checkpoint's dtype on accelerators and float32 on CPU."""

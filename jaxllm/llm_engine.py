@@ -92,7 +92,7 @@ class LLMEngine:
             return max(CPU_KV_CACHE_BYTES // page_bytes, 1)
         workspace = config.max_num_batched_tokens * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
         workspace += config.seq_bucket(config.max_num_batched_tokens) * cfg.vocab_size * 16 + (256 << 20)
-        free = stats["bytes_limit"] * config.gpu_memory_utilization - stats["bytes_in_use"] - workspace
+        free = config.memory_budget(device, stats["bytes_limit"]) - stats["bytes_in_use"] - workspace
         if free < page_bytes:
             raise ValueError(f"no memory left for the KV cache (gpu_memory_utilization="
                              f"{config.gpu_memory_utilization}); raise it or lower max_num_batched_tokens")
