@@ -10,19 +10,24 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from pallas_kernels import reference
+import jax
+
+from pallas_kernels import reference, tpu
 from pallas_kernels.metadata import AttentionMetadata, kv_cache_shape, token_layout
 
-_BACKENDS: dict[str, Callable] = {"reference": reference.ragged_paged_attention}
+_BACKENDS: dict[str, Callable] = {"reference": reference.ragged_paged_attention,
+                                  "pallas_tpu": tpu.ragged_paged_attention}
 BACKEND_ENV = "JAXLLM_ATTENTION_BACKEND"
 
 
 def resolve_backend(name: str = "auto") -> str:
-    """Pick the implementation for `name` (`auto` honours `JAXLLM_ATTENTION_BACKEND`)."""
+    """Pick the implementation for `name`. `auto` honours `JAXLLM_ATTENTION_BACKEND`, else takes the Mosaic TPU
+    kernel on TPUs and the reference elsewhere (the Mosaic GPU kernel is not written yet). The Pallas
+    backends run in their interpreters off their hardware: slow, but the same results."""
     if name == "auto":
         name = os.environ.get(BACKEND_ENV, "auto")
     if name == "auto":
-        return "reference"
+        return "pallas_tpu" if jax.default_backend() == "tpu" else "reference"
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(_BACKENDS)}")
     return name

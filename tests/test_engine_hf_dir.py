@@ -52,3 +52,15 @@ def test_cli_chat_streams_a_reply(model_dir, tmp_path, monkeypatch, capsys):
           "--temperature", "0", "--max-tokens", "5", "--compilation-cache-dir", str(tmp_path)])
     assert next(answers, None) is None  # both turns were asked and answered, then the empty line ended it
     assert capsys.readouterr().out.strip()
+
+
+def test_pallas_tpu_backend_gives_the_reference_tokens(llm, model_dir, tmp_path):
+    """The Mosaic TPU kernel (interpreted on CPU) through the whole engine: mixed prefill and decode batches."""
+    rng = np.random.default_rng(1)
+    prompts = [{"prompt_token_ids": rng.integers(3, 49152, n).tolist()} for n in (2, 21, 50)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    kernel_llm = LLM(str(model_dir[0]), max_model_len=256, max_num_batched_tokens=32, attention_backend="pallas_tpu",
+                     num_gpu_blocks_override=64,  # the interpreter copies the whole cache into its simulated HBM
+                     compilation_cache_dir=str(tmp_path))
+    assert [o.outputs[0].token_ids for o in kernel_llm.generate(prompts, params, use_tqdm=False)] == expected

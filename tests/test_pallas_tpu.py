@@ -1,0 +1,53 @@
+"""The Mosaic TPU kernel, run by JAX's TPU interpreter, against the dense reference; race detection on
+small shapes; the engine gives the same tokens with it as with the reference."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+from jax.experimental.pallas import tpu as pltpu
+
+import pallas_kernels
+from pallas_kernels import tpu
+from tests.test_reference_attention import CASES, dense_attention, random_batch
+
+
+def run_kernel(q_lens, ctx, h, kvh, d, page, window, cap, dtype=jnp.float32, sizes=None):
+    rng = np.random.default_rng(sum(ctx) + d)
+    q, k, v, cache, md = random_batch(rng, q_lens, ctx, h, kvh, d, page)
+    args = [jnp.asarray(x, dtype) for x in (q, k, v, cache)]
+    out, new_cache = tpu.ragged_paged_attention(*args, md, 1, sm_scale=0.7 / np.sqrt(d), sliding_window=window,
+                                                soft_cap=cap, sizes=sizes)
+    expected = dense_attention(*(np.asarray(a, np.float32) for a in args), md, 1, 0.7 / np.sqrt(d), window, cap)
+    return np.asarray(out, np.float32), expected, sum(q_lens)
+
+
+@pytest.mark.parametrize("q_lens,ctx,h,kvh,d,page,window,cap", CASES)
+def test_matches_dense_attention(q_lens, ctx, h, kvh, d, page, window, cap):
+    out, expected, n = run_kernel(q_lens, ctx, h, kvh, d, page, window, cap)
+    np.testing.assert_allclose(out[:n], expected[:n], rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(out[n:], 0.0)
+
+
+@pytest.mark.parametrize("d,page", [(64, 16), (128, 64), (256, 256)])
+def test_bfloat16_head_dims_and_page_sizes(d, page):
+    out, expected, n = run_kernel([5, 1, 1], [300, 17, 64], 8, 2, d, page, None, None, dtype=jnp.bfloat16)
+    assert np.linalg.norm(out[:n] - expected[:n]) / np.linalg.norm(expected[:n]) < 1e-2
+
+
+def test_no_races_with_double_buffering():
+    params = pltpu.InterpretParams(detect_races=True)
+    with pltpu.force_tpu_interpret_mode(params):
+        out, expected, n = run_kernel([3, 1, 6], [20, 33, 6], 4, 2, 16, 4, None, None,
+                                      sizes=tpu.BlockSizes(block_q=4, block_kv_tokens=8))
+    np.testing.assert_allclose(out[:n], expected[:n], rtol=2e-5, atol=2e-5)
+    assert interpret_pallas_call.races is not None and not interpret_pallas_call.races.races_found
+
+
+def test_backend_selection(monkeypatch):
+    assert pallas_kernels.resolve_backend("pallas_tpu") == "pallas_tpu"
+    assert pallas_kernels.resolve_backend("auto") == "reference"  # on CPU
+    monkeypatch.setenv("JAXLLM_ATTENTION_BACKEND", "pallas_tpu")
+    assert pallas_kernels.resolve_backend("auto") == "pallas_tpu"
+    with pytest.raises(ValueError, match="reference"):
+        pallas_kernels.resolve_backend("flash")
