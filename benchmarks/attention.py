@@ -73,7 +73,8 @@ def triton_paged(q, cache, md, page_size: int):
     layer = cache[0]  # [pages, page, 2*KVH, D] -> K and V as [KVH, pages, page, D]
     k_pages = jnp.transpose(layer[:, :, 0::2], (2, 0, 1, 3))
     v_pages = jnp.transpose(layer[:, :, 1::2], (2, 0, 1, 3))
-    fn = jax.jit(lambda q, k, v, t, lengths: paged_attention(q, k, v, t, lengths, pages_per_compute_block=max(1, 64 // page_size)))
+    block = max(1, 64 // page_size)
+    fn = jax.jit(lambda q, k, v, t, lengths: paged_attention(q, k, v, t, lengths, pages_per_compute_block=block))
     return fn, (q, k_pages, v_pages, md.page_indices, md.kv_lens)
 
 
