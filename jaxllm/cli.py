@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import uuid
+from pathlib import Path
 from typing import Any, Sequence, get_type_hints
 
 from jaxllm.engine_config import EngineConfig
@@ -61,10 +62,49 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (generate, chat):
         _add_fields(sub, EngineConfig, engine_fields)
         _add_fields(sub, SamplingParams, _SAMPLING_FLAGS)
+    _add_bench(commands.add_parser("bench", help="throughput and serving benchmarks"), engine_fields)
     serve = commands.add_parser("serve", help="the OpenAI-compatible server")
     serving_server.add_arguments(serve)
     _add_fields(serve, EngineConfig, engine_fields, skip=("model",))
     return parser
+
+
+def _add_bench(bench: argparse.ArgumentParser, engine_fields: list[str]) -> None:
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    throughput = kinds.add_parser("throughput", help="offline throughput (like vLLM's benchmark_throughput)")
+    throughput.add_argument("--random-weights", help="a preset (llama3-8b, qwen2.5-7b) or a config.json: random "
+                                                     "weights made on the device instead of --model's")
+    serve = kinds.add_parser("serve", help="online latency and throughput against an OpenAI-compatible URL")
+    serve.add_argument("--base-url", default="http://127.0.0.1:8000")
+    serve.add_argument("--model", help="default: the server's first model")
+    serve.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default inf)")
+    serve.add_argument("--max-concurrency", type=int)
+    serve.add_argument("--api-key")
+    serve.add_argument("--vocab-size", type=int, default=32000, help="token ids for --dataset random")
+    for sub in (throughput, serve):
+        sub.add_argument("--dataset", choices=["sharegpt", "random"], default="sharegpt")
+        sub.add_argument("--dataset-path", type=Path, help="the ShareGPT workload JSON (default: ../shared's)")
+        sub.add_argument("--num-prompts", type=int, default=500)
+        sub.add_argument("--input-len", type=int, default=1024)
+        sub.add_argument("--output-len", type=int, default=128)
+        sub.add_argument("--output-json")
+    serve.add_argument("--seed", type=int, default=0)
+    _add_fields(throughput, EngineConfig, engine_fields)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    options = vars(args)
+    if args.bench == "throughput":
+        from jaxllm.bench import throughput
+
+        options.setdefault("model", None)
+        engine_args = _picked(args, EngineConfig)
+        options["model"] = engine_args.pop("model", DEFAULT_MODEL)
+        throughput.run(options, engine_args)
+    else:
+        from jaxllm.bench import serve
+
+        serve.run(options)
 
 
 def _picked(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -149,7 +189,8 @@ def _ask() -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"generate": run_generate, "chat": run_chat, "convert": run_convert, "serve": run_serve}
+        commands = {"generate": run_generate, "chat": run_chat, "convert": run_convert, "serve": run_serve,
+                    "bench": run_bench}
         commands[args.command](args)
     except (ValueError, OSError) as e:  # bad input: a message, never a traceback
         raise SystemExit(f"jaxllm {args.command}: {e}") from None

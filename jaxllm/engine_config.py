@@ -35,6 +35,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     generation_config: str = "auto"
     compilation_cache_dir: str | None = None
+    load_format: str = "auto"  # "dummy": random weights made on the devices (benchmarks), as in vLLM
 
     def __post_init__(self) -> None:
         # JAX reserves XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of each GPU when its backend starts:
@@ -58,6 +59,7 @@ class EngineConfig:
             (self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1, "num_gpu_blocks_override",
              "must be at least 1"),
             (self.max_logprobs >= 0, "max_logprobs", "must be non-negative"),
+            (self.load_format in ("auto", "dummy"), "load_format", "must be 'auto' or 'dummy'"),
         ]
         for ok, name, message in checks:
             if not ok:

@@ -44,7 +44,8 @@ class LLMEngine:
         enable_compilation_cache(config.cache_dir())
         mesh = make_mesh(tensor_parallel_size=config.tensor_parallel_size)
         loaded = load_model(config.model, dtype=config.resolved_dtype(), mesh=mesh,
-                            attention_backend=config.attention_backend)
+                            attention_backend=config.attention_backend, load_format=config.load_format,
+                            seed=config.seed)
         self.model_config = loaded.config
         self._resolve_max_model_len(loaded.config.max_position_embeddings)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(

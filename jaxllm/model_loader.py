@@ -57,17 +57,20 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.
 
 
 def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
-               rules: ShardingRules = ShardingRules(), attention_backend: str = "auto") -> LoadedModel:
-    """Load a Hugging Face directory, a GGUF file or a known model name onto `mesh` (one device by default)."""
+               rules: ShardingRules = ShardingRules(), attention_backend: str = "auto",
+               load_format: str = "auto", seed: int = 0) -> LoadedModel:
+    """Load a Hugging Face directory, a GGUF file or a known model name onto `mesh` (one device by default).
+    `load_format="dummy"` reads only the config and makes random weights on the devices."""
     source = resolve_source(model)
     hf_config = load_hf_config(source)
     cfg = ModelConfig.from_hf(hf_config, dtype)
     mesh = mesh or make_mesh()
-    abstract = abstract_model(cfg, attention_backend)
-    if source.kind == "jaxllm":
-        built = _restore(abstract, source.path / PARAMS_DIR, mesh, rules)
+    if load_format == "dummy":
+        built = random_model(cfg, mesh, rules, seed, attention_backend)
+    elif source.kind == "jaxllm":
+        built = _restore(abstract_model(cfg, attention_backend), source.path / PARAMS_DIR, mesh, rules)
     else:
-        built = _fill(abstract, open_reader(source, cfg), mesh, rules, cfg)
+        built = _fill(abstract_model(cfg, attention_backend), open_reader(source, cfg), mesh, rules, cfg)
     logger.info("loaded %s (%s, %s) from %s", cfg.architecture, cfg.dtype, _count(built), source.path)
     return LoadedModel(built, cfg, mesh, hf_config, source)
 

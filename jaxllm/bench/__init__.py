@@ -1,0 +1,1 @@
+"""`jaxllm bench`: offline throughput and online serving benchmarks, measured the way vLLM measures itself."""
