@@ -52,10 +52,11 @@ class LLMEngine:
             resolve_source(config.tokenizer or config.model))
         self.generation_config = load_generation_config(loaded.source, loaded.hf_config)
         self.eos_token_ids = self._eos_ids(self.generation_config, self.tokenizer)
+        self.runner = ModelRunner(config, loaded.model, mesh)
         num_pages = self._num_pages(mesh)
         logger.info("KV cache: %d pages of %d tokens (%d tokens)", num_pages, config.block_size,
                     num_pages * config.block_size)
-        self.runner = ModelRunner(config, loaded.model, mesh, num_pages)
+        self.runner.allocate_kv_cache(num_pages)
         self.runner.warmup()
         self.scheduler = Scheduler(BlockPool(num_pages, config.block_size), config.max_num_seqs,
                                    config.max_num_batched_tokens)
@@ -91,8 +92,8 @@ class LLMEngine:
         stats = device.memory_stats() if device.platform != "cpu" else None
         if not stats:
             return max(CPU_KV_CACHE_BYTES // page_bytes, 1)
-        workspace = config.max_num_batched_tokens * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
-        workspace += config.seq_bucket(config.max_num_batched_tokens) * cfg.vocab_size * 16 + (256 << 20)
+        workspace = int(self.runner.workspace_bytes() * 1.2) + (512 << 20)  # margin for the allocator
+        logger.info("step workspace: %.2f GiB", workspace / 2**30)
         free = config.memory_budget(device, stats["bytes_limit"]) - stats["bytes_in_use"] - workspace
         if free < page_bytes:
             raise ValueError(f"no memory left for the KV cache (gpu_memory_utilization="

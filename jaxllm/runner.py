@@ -63,19 +63,40 @@ def _logprobs_of(logits: jax.Array, targets: jax.Array, num: int):
 class ModelRunner:
     """Holds the parameters and the KV cache on the device and runs steps."""
 
-    def __init__(self, config: EngineConfig, model: nnx.Module, mesh: jax.sharding.Mesh, num_pages: int,
+    def __init__(self, config: EngineConfig, model: nnx.Module, mesh: jax.sharding.Mesh,
                  rules: ShardingRules = ShardingRules()):
         self.config = config
-        self.model_config = cfg = model.cfg
+        self.model_config = model.cfg
         self.graphdef, self.params = nnx.split(model)
         self.max_model_len = config.max_model_len
         self.pages_per_seq = -(-config.max_model_len // config.block_size)
         self.num_logprobs = max(config.max_logprobs, 1)
-        shape = kv_cache_shape(cfg.num_layers, num_pages, config.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.cache_sharding = kv_cache_sharding(shape, mesh, rules)
-        self.kv_cache = jax.jit(lambda: jnp.zeros(shape, cfg.jnp_dtype), out_shardings=self.cache_sharding)()
+        self.mesh, self.rules = mesh, rules
+        self.kv_cache: jax.Array | None = None
+        self.cache_sharding = self._cache_sharding(1)
         self._step = jax.jit(self._forward, donate_argnums=(1,), static_argnames=("with_prompt_logprobs",),
                              out_shardings=(None, None, self.cache_sharding))
+
+    def _cache_shape(self, num_pages: int) -> tuple:
+        cfg = self.model_config
+        return kv_cache_shape(cfg.num_layers, num_pages, self.config.block_size, cfg.num_kv_heads, cfg.head_dim)
+
+    def _cache_sharding(self, num_pages: int) -> jax.sharding.NamedSharding:
+        return kv_cache_sharding(self._cache_shape(num_pages), self.mesh, self.rules)
+
+    def allocate_kv_cache(self, num_pages: int) -> None:
+        shape, dtype = self._cache_shape(num_pages), self.model_config.jnp_dtype
+        self.kv_cache = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding)()
+
+    def workspace_bytes(self) -> int:
+        """Device memory a step needs besides the parameters and the cache, as XLA counts it for the largest
+        bucket (vLLM profiles a dummy run for the same reason)."""
+        bucket = self.config.token_buckets()[-1]
+        probe = jax.ShapeDtypeStruct(self._cache_shape(self.pages_per_seq), self.model_config.jnp_dtype,
+                                     sharding=self.cache_sharding)
+        compiled = self._step.lower(self.params, probe, self._empty_batch(bucket),
+                                    with_prompt_logprobs=False).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def _forward(self, params, kv_cache, batch: StepBatch, with_prompt_logprobs: bool):
         model = nnx.merge(self.graphdef, params)
