@@ -23,8 +23,7 @@ from tqdm import tqdm
 from jaxllm.config import ModelConfig
 from jaxllm.model_loader import abstract_model, checked_tensors, nest, open_reader
 from jaxllm.weights.model_dir import PARAMS_DIR, Manifest
-from jaxllm.weights.sources import (ModelSource, load_generation_config, load_hf_config, load_tokenizer,
-                                    resolve_source)
+from jaxllm.weights.sources import ModelSource, load_generation_config, load_hf_config, load_tokenizer, resolve_source
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence, get_type_hints
 
 from jaxllm.engine_config import EngineConfig
-from serving import server as serving_server
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.weights.sources import DEFAULT_MODEL
+from serving import server as serving_server
 
 _SAMPLING_FLAGS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "max_tokens", "min_tokens", "ignore_eos", "stop", "logprobs")

@@ -25,8 +25,7 @@ from jaxllm.async_engine import AsyncEngine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from serving.metrics import ServerMetrics
-from serving.openai_format import (Accumulated, APIError, chat_logprobs, completion_logprobs, error_response, sse,
-                                   usage)
+from serving.openai_format import Accumulated, APIError, chat_logprobs, completion_logprobs, error_response, sse, usage
 from serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from serving.tool_parser import parse_hermes
 

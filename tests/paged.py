@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jax.sharding import Mesh
 
 from jaxllm.parallel import ShardingRules, kv_cache_sharding, make_mesh

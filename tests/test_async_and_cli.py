@@ -10,7 +10,6 @@ from jaxllm import SamplingParams
 from jaxllm.async_engine import AsyncEngine
 from jaxllm.cli import main
 
-
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16)
 PROMPT = "The capital of Italy is"
 

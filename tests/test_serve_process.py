@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,13 +13,8 @@ import pytest
 import yaml
 
 from jaxllm.weights.sources import DEFAULT_MODEL, load_tokenizer, resolve_source
+from tests.live_server import free_port
 from tests.tiny_models import make_tiny
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

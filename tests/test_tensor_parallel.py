@@ -53,7 +53,7 @@ def test_random_model_is_made_in_its_shardings():
     """Random weights (for benchmarks) are created sharded on the mesh, with the same values at any size."""
     from jaxllm.config import ModelConfig
     from jaxllm.model_loader import random_model
-    from tests.tiny_models import TINY, COMMON
+    from tests.tiny_models import COMMON, TINY
 
     config_cls, _, extra = TINY["qwen3"]
     cfg = ModelConfig.from_hf(config_cls(**COMMON, **extra, architectures=["Qwen3ForCausalLM"]), "bfloat16")

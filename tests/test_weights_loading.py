@@ -94,8 +94,13 @@ def test_hf_directory_tokenizer_and_generation_config(checkpoint):
     """A Hugging Face directory brings its own tokenizer files and generation_config.json."""
     from transformers import GenerationConfig
 
-    from jaxllm.weights.sources import (DEFAULT_MODEL, load_generation_config, load_hf_config, load_tokenizer,
-                                        resolve_source)
+    from jaxllm.weights.sources import (
+        DEFAULT_MODEL,
+        load_generation_config,
+        load_hf_config,
+        load_tokenizer,
+        resolve_source,
+    )
 
     load_tokenizer(resolve_source(DEFAULT_MODEL)).save_pretrained(checkpoint)
     GenerationConfig(eos_token_id=2, temperature=0.7, do_sample=True).save_pretrained(checkpoint)
