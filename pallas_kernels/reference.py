@@ -1,14 +1,15 @@
 """Ragged paged attention in plain jnp: the semantics every kernel must reproduce, and the CPU backend.
 
 Each call first writes this step's K/V into their pages, then attends every query row over its own
-sequence's pages, one page-column at a time with an online softmax (flash-attention style), so memory
-stays `O(tokens x page_size)` whatever the context length and the work is proportional to tokens x pages.
+sequence's pages, a few page-columns at a time with an online softmax (flash-attention style), so memory
+stays bounded whatever the context length and the work is proportional to tokens x pages.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.metadata import AttentionMetadata, token_layout
 
@@ -44,15 +45,19 @@ def attend(
     group = num_heads // num_kv_heads
     seq, pos, valid = token_layout(md, num_tokens)
     qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
+    span = _pages_per_step(num_tokens, kv_cache.shape[2:], md.pages_per_seq)
+    block = span * page_size
 
     def page_column(j, carry):
         m, denom, acc = carry
-        pages = kv_cache[layer, md.page_indices[seq, j]].astype(jnp.float32)  # [T, P, 2*KVH, D]
+        columns = jnp.minimum(j * span + jnp.arange(span), md.pages_per_seq - 1)
+        pages = kv_cache[layer, md.page_indices[seq[:, None], columns[None, :]]]  # [T, span, P, 2*KVH, D]
+        pages = pages.reshape(num_tokens, block, 2 * num_kv_heads, head_dim).astype(jnp.float32)
         k, v = pages[:, :, 0::2], pages[:, :, 1::2]
         s = jnp.einsum("tkgd,tpkd->tkgp", qg, k)
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        kv_pos = j * page_size + jnp.arange(page_size)
+        kv_pos = j * block + jnp.arange(block)
         allowed = (kv_pos[None, :] <= pos[:, None]) & valid[:, None]
         if sliding_window is not None:
             allowed &= kv_pos[None, :] > pos[:, None] - sliding_window
@@ -70,10 +75,21 @@ def attend(
         jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
     )
     # Only as many page columns as the longest sequence of this batch fills (a dynamic trip count).
-    num_columns = (jnp.max(md.kv_lens) + page_size - 1) // page_size
-    _, denom, acc = jax.lax.fori_loop(0, jnp.minimum(num_columns, md.pages_per_seq), page_column, init)
+    num_steps = (jnp.minimum(jnp.max(md.kv_lens), md.pages_per_seq * page_size) + block - 1) // block
+    _, denom, acc = jax.lax.fori_loop(0, num_steps, page_column, init)
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def _pages_per_step(num_tokens: int, page_shape: tuple[int, ...], pages_per_seq: int,
+                    budget_bytes: int = 256 << 20) -> int:
+    """Pages gathered per loop step: as many as keep the float32 gather of all rows under `budget_bytes`
+    (a power of two up to 16). Fewer, larger steps matter on GPUs, where each step costs kernel launches."""
+    page_bytes = num_tokens * int(np.prod(page_shape)) * 4
+    span = 1
+    while span < 16 and span * 2 <= pages_per_seq and page_bytes * span * 2 <= budget_bytes:
+        span *= 2
+    return span
 
 
 def ragged_paged_attention(
