@@ -97,7 +97,6 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.bench == "throughput":
         from jaxllm.bench import throughput
 
-        options.setdefault("model", None)
         engine_args = _picked(args, EngineConfig)
         options["model"] = engine_args.pop("model", DEFAULT_MODEL)
         throughput.run(options, engine_args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -36,3 +37,13 @@ def text_token_ids(tokenizer, count: int) -> list[list[int]]:
     text = " ".join(p.read_text() for p in sorted(ROOT.glob("docs/*.md")) + [ROOT / "README.md"])
     ids = tokenizer.encode(text)
     return [ids[i * 37:] for i in range(count)]
+
+
+def assert_idle(engine, wait_s: float = 5.0) -> None:
+    """No request left in the `LLMEngine` and every KV page back in the pool (waiting up to `wait_s` for a
+    background step loop to finish aborting)."""
+    deadline = time.monotonic() + wait_s
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_pages

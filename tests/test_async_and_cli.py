@@ -2,13 +2,13 @@
 
 import asyncio
 import json
-import time
 
 import pytest
 
 from jaxllm import SamplingParams
 from jaxllm.async_engine import AsyncEngine
 from jaxllm.cli import main
+from tests.engine_fixtures import assert_idle
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16)
 PROMPT = "The capital of Italy is"
@@ -51,12 +51,7 @@ def test_cancelling_a_stream_aborts_the_request(smollm2_llm, async_engine):
         return first
 
     assert not asyncio.run(first_then_cancel()).finished
-    for _ in range(100):
-        if not engine.has_unfinished_requests():
-            break
-        time.sleep(0.05)
-    assert not engine.has_unfinished_requests()
-    assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_pages
+    assert_idle(engine)
 
 
 def test_refused_request_raises_and_the_loop_lives_on(async_engine):

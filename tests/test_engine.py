@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from tests.engine_fixtures import hf_greedy, hf_smollm2, text_token_ids
+from tests.engine_fixtures import assert_idle, hf_greedy, hf_smollm2, text_token_ids
 
 CHATS = [
     "What is the capital of France?",
@@ -30,9 +30,7 @@ def hf():
 
 
 def assert_all_pages_free(llm):
-    pool = llm.llm_engine.scheduler.pool
-    assert pool.num_free == pool.num_pages
-    assert not llm.llm_engine.has_unfinished_requests()
+    assert_idle(llm.llm_engine, wait_s=0)
 
 
 def test_greedy_chat_and_raw_prompts_match_transformers(llm, hf):

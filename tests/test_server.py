@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jaxllm.async_engine import AsyncEngine
 from serving.app import ServerConfig, build_app
 from serving.tool_parser import parse_hermes
+from tests.engine_fixtures import assert_idle as idle
 from tests.live_server import LiveServer
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -46,15 +47,8 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def assert_idle(engine):
-    """No request left running and every KV page back in the pool."""
-    core = engine.engine
-    for _ in range(100):
-        if not core.has_unfinished_requests():
-            break
-        time.sleep(0.05)
-    assert not core.has_unfinished_requests()
-    assert core.scheduler.pool.num_free == core.scheduler.pool.num_pages
+def assert_idle(engine: AsyncEngine) -> None:
+    idle(engine.engine)
 
 
 def test_models_version_health(server, client):
