@@ -1,0 +1,309 @@
+"""Ragged paged attention for Hopper GPUs as a Mosaic GPU Pallas kernel (GPU interpreter elsewhere).
+
+Unit of work: one CUDA block per (KV head, query tile, KV split). A query tile holds up to 64 query rows of
+one sequence: `64 // G` consecutive tokens times the G query heads that share the KV head, laid out
+token-major. So every tile is one M=64 tensor-core (wgmma) operand, whether it holds a decode token (G
+rows) or a prefill chunk. The tile's K/V pages are gathered by TMA into shared memory `num_stages` blocks
+ahead of the tensor cores (one copy per page and K/V, all completing on the block's barrier). Long
+contexts are split over `num_splits` blocks (flash-decoding); XLA merges their partial outputs by their
+log-sum-exp. New K/V rows are written into their pages before the kernel (an in-place scatter on the
+donated cache), as the TPU kernel does.
+
+Inputs must be 16-bit (bfloat16 or float16): the tensor cores read V as stored (token-major), which
+wgmma allows only for 16-bit operands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.metadata import AttentionMetadata, token_layout
+from pallas_kernels.reference import write_kv
+
+ROWS = 64  # query rows per tile: the M of one Hopper wgmma
+_LOG2E = math.log2(math.e)
+_NUM_SMS = 132  # H100 SXM; only sizes the split heuristic
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """KV tokens per pipeline step, steps in flight, and KV splits per tile (None: fill the GPU)."""
+
+    block_kv: int = 64
+    num_stages: int = 3
+    num_splits: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+    """Static facts of one call, shared by the kernel and its XLA wrapper."""
+
+    num_kv_heads: int
+    group: int  # query heads per KV head
+    head_dim: int
+    page_size: int
+    pages_per_seq: int
+    num_tiles: int
+    num_splits: int
+    block_kv: int
+    num_stages: int
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return ROWS // self.group
+
+
+def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           sizes: BlockSizes | None = None):
+    """Same contract as `pallas_kernels.reference.ragged_paged_attention`."""
+    kv_cache = write_kv(k, v, kv_cache, md, layer)
+    out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                 sizes=sizes or BlockSizes())
+    return out, kv_cache
+
+
+def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, sliding_window: int | None,
+           soft_cap: float | None, sizes: BlockSizes) -> jax.Array:
+    """Attention of `q [T, H, D]` over the cache: tile table and query regrouping in XLA, the kernel, the
+    split merge and the row scatter back to `[T, H, D]` in XLA."""
+    shapes = _plan(q.shape, kv_cache, md, sizes)
+    _check_inputs(q, kv_cache, shapes)
+    tiles = _tile_table(md, q.shape[0], shapes)
+    q_rows = _group_rows(q, shapes)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    out, lse = _call_kernel(tiles, layer, md.page_indices, q_rows, kv_cache, shapes, q.dtype,
+                            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    return _gather_rows(out, lse, md, q.shape, shapes).astype(q.dtype)
+
+
+def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, sizes: BlockSizes) -> _Shapes:
+    num_tokens, num_heads, head_dim = q_shape
+    page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3] // 2
+    group = num_heads // num_kv_heads
+    if group > ROWS:
+        raise NotImplementedError(f"pallas_gpu: at most {ROWS} query heads per KV head, got {group}")
+    tokens_per_tile = ROWS // group
+    num_tiles = min(num_tokens, -(-num_tokens // tokens_per_tile) + md.max_num_seqs)
+    num_splits = sizes.num_splits or max(1, min(16, -(-2 * _NUM_SMS // (num_kv_heads * md.max_num_seqs))))
+    block_kv = min(sizes.block_kv, md.pages_per_seq * page_size)
+    if page_size < block_kv and block_kv % page_size or page_size > block_kv and page_size % block_kv:
+        raise ValueError(f"pallas_gpu: block_kv {block_kv} and page size {page_size} must divide one another")
+    return _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits, block_kv,
+                   sizes.num_stages)
+
+
+def _check_inputs(q: jax.Array, kv_cache: jax.Array, shapes: _Shapes) -> None:
+    if q.dtype != kv_cache.dtype or jnp.dtype(q.dtype).itemsize != 2:
+        raise NotImplementedError(
+            f"pallas_gpu needs bfloat16 or float16 queries and cache, got {q.dtype} and {kv_cache.dtype}")
+    if shapes.head_dim % 64:
+        raise NotImplementedError(f"pallas_gpu needs a head dim that is a multiple of 64, got {shapes.head_dim}")
+
+
+def _tile_table(md: AttentionMetadata, num_tokens: int, shapes: _Shapes) -> jax.Array:
+    """Per tile slot `[num_tiles, 6]`: sequence, first token row, token offset in the sequence, the
+    sequence's q_len and kv_len, and whether the slot holds a tile (1) or is spare (0)."""
+    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
+    real = jnp.arange(md.max_num_seqs) < md.num_seqs[0]
+    per_seq = jnp.where(real, -(-q_lens // shapes.tokens_per_tile), 0)
+    ends = jnp.cumsum(per_seq)
+    slot = jnp.arange(shapes.num_tiles, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), md.max_num_seqs - 1).astype(jnp.int32)
+    offset = (slot - (ends[seq] - per_seq[seq])) * shapes.tokens_per_tile
+    first_row = md.cu_q_lens[seq] + offset
+    active = (slot < ends[-1]).astype(jnp.int32)
+    return jnp.stack([seq, first_row, offset, q_lens[seq], md.kv_lens[seq], active], axis=1).astype(jnp.int32)
+
+
+def _group_rows(q: jax.Array, shapes: _Shapes) -> jax.Array:
+    """`[T, H, D]` -> `[KVH, T*G + 64, D]`: each KV head's query rows token-major (row = token*G + g),
+    padded so that a 64-row tile starting at any token stays in bounds."""
+    num_tokens = q.shape[0]
+    rows = q.reshape(num_tokens, shapes.num_kv_heads, shapes.group, shapes.head_dim).transpose(1, 0, 2, 3)
+    rows = rows.reshape(shapes.num_kv_heads, num_tokens * shapes.group, shapes.head_dim)
+    return jnp.pad(rows, ((0, 0), (0, ROWS), (0, 0)))
+
+
+def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q_shape, shapes: _Shapes):
+    """Pick each query row out of its tile (merging the KV splits by log-sum-exp) back into `[T, H, D]`;
+    padding rows are zero, as in the reference."""
+    num_tokens = q_shape[0]
+    seq, pos, valid = token_layout(md, num_tokens)
+    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
+    per_seq = jnp.where(jnp.arange(md.max_num_seqs) < md.num_seqs[0], -(-q_lens // shapes.tokens_per_tile), 0)
+    first_tile = jnp.cumsum(per_seq) - per_seq
+    t_in_seq = jnp.arange(num_tokens) - md.cu_q_lens[seq]
+    tile = jnp.minimum(first_tile[seq] + t_in_seq // shapes.tokens_per_tile, shapes.num_tiles - 1)
+    row = (t_in_seq % shapes.tokens_per_tile)[:, None] * shapes.group + jnp.arange(shapes.group)[None, :]
+    heads = jnp.arange(shapes.num_kv_heads)[None, :, None]
+    picked = out[:, heads, tile[:, None, None], row[:, None, :]]  # [splits, T, KVH, G, D]
+    if lse is None:
+        merged = picked[0].astype(jnp.float32)
+    else:
+        weights = lse[:, heads, tile[:, None, None], row[:, None, :]]  # [splits, T, KVH, G], log2 units
+        top = jnp.max(weights, axis=0)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)
+        w = jnp.exp2(weights - top)
+        merged = jnp.sum(w[..., None] * picked, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[..., None]
+    merged = jnp.where(valid[:, None, None, None], merged, 0.0)
+    return merged.reshape(q_shape)
+
+
+def _call_kernel(tiles, layer, page_indices, q_rows, kv_cache, shapes: _Shapes, dtype, **attn):
+    split = shapes.num_splits > 1
+    out_dtype = jnp.float32 if split else dtype
+    out_type = [jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS,
+                                      shapes.head_dim), out_dtype)]
+    if split:
+        out_type.append(jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS),
+                                             jnp.float32))
+    kv_tile = (shapes.num_stages, shapes.block_kv, shapes.head_dim)
+    copies = 2 * max(1, shapes.block_kv // shapes.page_size)
+    scratch = [
+        plgpu.SMEM((ROWS, shapes.head_dim), dtype, transforms=_transforms(dtype, shapes.head_dim)),
+        plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, shapes.head_dim)),
+        plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, shapes.head_dim)),
+        plgpu.SMEM((ROWS, shapes.block_kv), dtype, transforms=_transforms(dtype, shapes.block_kv)),
+        plgpu.SMEM((ROWS, shapes.head_dim), out_dtype, transforms=_transforms(out_dtype, shapes.head_dim)),
+        plgpu.SMEM((ROWS,), jnp.float32) if split else None,
+        plgpu.Barrier(num_arrivals=1),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=shapes.num_stages),
+    ]
+    body = functools.partial(_kernel, shapes=shapes, **attn)
+    with _interpret_off_gpu():
+        results = plgpu.kernel(
+            body, out_type=tuple(out_type), scratch_types=scratch,
+            grid=(shapes.num_kv_heads, shapes.num_tiles, shapes.num_splits),
+            grid_names=("kv_heads", "tiles", "splits"), compiler_params=plgpu.CompilerParams(approx_math=True),
+        )(tiles, layer, page_indices, q_rows, kv_cache)
+    return results[0], (results[1] if split else None)
+
+
+def _interpret_off_gpu():
+    """Mosaic GPU compiles only for NVIDIA GPUs; everywhere else JAX's GPU interpreter runs the kernel."""
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    return plgpu.force_gpu_interpret_mode()
+
+
+def _transforms(dtype, minor: int) -> tuple:
+    """Shared-memory tiles of 8 rows of up to 128 bytes, swizzled, as wgmma reads them."""
+    swizzle = min(128, minor * jnp.dtype(dtype).itemsize)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _kernel(tiles_ref, layer_ref, pages_ref, q_ref, kv_ref, *refs, shapes: _Shapes, sm_scale: float,
+            sliding_window: int | None, soft_cap: float | None):
+    split = shapes.num_splits > 1
+    out_ref, lse_ref = (refs[0], refs[1]) if split else (refs[0], None)
+    q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
+    head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
+
+    @pl.when(tiles_ref[slot, 5] != 0)
+    def _tile():
+        seq, first_row, offset, q_len, kv_len = (tiles_ref[slot, i] for i in range(5))
+        first_pos = kv_len - q_len + offset  # position of the tile's first query token
+        last_pos = kv_len - q_len + jnp.minimum(offset + shapes.tokens_per_tile, q_len) - 1
+        lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0) // shapes.block_kv
+        hi = (last_pos + shapes.block_kv) // shapes.block_kv
+        per_part = (hi - lo + shapes.num_splits - 1) // shapes.num_splits
+        start = lo + part * per_part
+        steps = jnp.maximum(jnp.minimum(start + per_part, hi) - start, 0)
+        fetch = functools.partial(_fetch, pages_ref, kv_ref, k_smem, v_smem, kv_barriers, shapes,
+                                  layer_ref[0], seq, head, start)
+        for j in range(shapes.num_stages):
+            pl.when(j < steps)(functools.partial(fetch, j))
+        plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row * shapes.group, ROWS)], q_smem, q_barrier)
+        plgpu.barrier_wait(q_barrier)
+        acc, m_i, l_i = _attend_steps(q_smem, k_smem, v_smem, p_smem, kv_barriers, fetch, shapes, steps, start,
+                                      first_pos, sm_scale=sm_scale, sliding_window=sliding_window,
+                                      soft_cap=soft_cap)
+        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+        o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
+        if split:
+            lse_smem[...] = m_i + jnp.log2(l_safe)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[part, head, slot])
+        if split:
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[part, head, slot])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, seq, head, start, step):
+    """Start the TMA copies of KV block `start + step` of sequence `seq` into stage `step % num_stages`."""
+    stage = lax.rem(step, shapes.num_stages)
+    first_token = (start + step) * shapes.block_kv
+    barrier = barriers.at[stage]
+    if shapes.page_size >= shapes.block_kv:
+        page = pages_ref[seq, jnp.minimum(first_token // shapes.page_size, shapes.pages_per_seq - 1)]
+        rows = pl.ds(first_token % shapes.page_size, shapes.block_kv)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, rows, 2 * head], k_smem.at[stage], barrier)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, rows, 2 * head + 1], v_smem.at[stage], barrier)
+        return
+    first_page = first_token // shapes.page_size
+    for p in range(shapes.block_kv // shapes.page_size):
+        page = pages_ref[seq, jnp.minimum(first_page + p, shapes.pages_per_seq - 1)]
+        rows = pl.ds(p * shapes.page_size, shapes.page_size)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head], k_smem.at[stage, rows], barrier)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head + 1], v_smem.at[stage, rows], barrier)
+
+
+def _attend_steps(q_smem, k_smem, v_smem, p_smem, barriers, fetch, shapes: _Shapes, steps, start, first_pos, *,
+                  sm_scale: float, sliding_window: int | None, soft_cap: float | None):
+    """The online-softmax loop over this block's KV steps; returns (acc, row max, row sum), log2 units."""
+    wgmma = plgpu.Layout.WGMMA
+    block = (ROWS, shapes.block_kv)
+    q_pos = first_pos + plgpu.broadcasted_iota(jnp.int32, block, 0, layout=wgmma) // shapes.group
+    column = plgpu.broadcasted_iota(jnp.int32, block, 1, layout=wgmma)
+
+    def step(j, carry):
+        acc, m_i, l_i = carry
+        stage = lax.rem(j, shapes.num_stages)
+        plgpu.barrier_wait(barriers.at[stage])
+
+        def scores(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[stage].transpose((1, 0)))
+            return acc_ref[...]
+
+        s = pl.run_scoped(scores, plgpu.ACC(block, jnp.float32))
+        if soft_cap is None:
+            s = s * (sm_scale * _LOG2E)
+        else:
+            s = jnp.tanh(s * (sm_scale / soft_cap)) * (soft_cap * _LOG2E)
+        kv_pos = (start + j) * shapes.block_kv + column
+        allowed = kv_pos <= q_pos
+        if sliding_window is not None:
+            allowed = allowed & (kv_pos > q_pos - sliding_window)
+        s = jnp.where(allowed, s, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, block, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+
+        p_smem[...] = p.astype(p_smem.dtype)
+        plgpu.commit_smem()
+
+        def values(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem, v_smem.at[stage])
+            return acc_ref[...]
+
+        pv = pl.run_scoped(values, plgpu.ACC(acc.shape, jnp.float32))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+        pl.when(j + shapes.num_stages < steps)(lambda: fetch(j + shapes.num_stages))
+        return acc, m_new, l_i
+
+    init = (plgpu.layout_cast(jnp.zeros((ROWS, shapes.head_dim), jnp.float32), wgmma),
+            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), wgmma.reduce(1)))
+    return lax.fori_loop(0, steps, step, init)
