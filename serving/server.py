@@ -10,9 +10,12 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from jaxllm.engine_config import EngineConfig
 
 logger = logging.getLogger("jaxllm.serve")
 
@@ -40,30 +43,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings(args: argparse.Namespace, engine_fields: list[str]) -> dict[str, Any]:
     """Flags given on the command line over those of `--config`, over the defaults."""
-    values: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of flag names to values")
-        values = {key.replace("-", "_"): value for key, value in loaded.items()}
-        unknown = set(values) - _SERVER_FLAGS - set(engine_fields)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown settings {sorted(unknown)}")
+    values = load_config(args.config, engine_fields) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config")})
     return values
 
 
-def run(values: dict[str, Any], engine_fields: list[str]) -> None:
-    from jaxllm.async_engine import AsyncEngine
+def load_config(path: str, engine_fields: list[str]) -> dict[str, Any]:
+    """A `--config` YAML file's settings, keyed by underscored flag names. A `tpu:` section (the metadata of
+    the slice configs in tpu_configs/) is checked and left out; any other key must be a flag."""
+    import yaml
+
+    from jaxllm.tpu_slices import TpuSection
+
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    values = {key.replace("-", "_"): value for key, value in loaded.items()}
+    if "tpu" in values:
+        try:
+            TpuSection.from_yaml(values.pop("tpu"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    unknown = sorted(set(values) - _SERVER_FLAGS - set(engine_fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                         f"(keys are jaxllm serve flags, or a 'tpu:' section)")
+    return values
+
+
+def build_engine_config(values: dict[str, Any], engine_fields: list[str]) -> EngineConfig:
+    """The `EngineConfig` of the merged settings (the model defaults to the default model)."""
     from jaxllm.engine_config import EngineConfig
     from jaxllm.weights.sources import DEFAULT_MODEL
+
+    return EngineConfig(**{k: v for k, v in values.items() if k in engine_fields and k != "model"},
+                        model=values.get("model") or DEFAULT_MODEL)
+
+
+def run(values: dict[str, Any], engine_fields: list[str]) -> None:
+    from jaxllm.async_engine import AsyncEngine
     from serving.app import ServerConfig, build_app
 
-    model = values.get("model") or DEFAULT_MODEL
-    engine_config = EngineConfig(**{k: v for k, v in values.items() if k in engine_fields and k != "model"},
-                                 model=model)
+    engine_config = build_engine_config(values, engine_fields)
+    model = engine_config.model
     server_config = ServerConfig(
         served_model_names=list(values.get("served_model_name") or [model]),
         api_key=values.get("api_key") or os.environ.get("JAXLLM_API_KEY"),
