@@ -12,25 +12,35 @@ from typing import Callable
 
 import jax
 
-from pallas_kernels import reference, tpu
+from pallas_kernels import gpu, reference, tpu
 from pallas_kernels.metadata import AttentionMetadata, kv_cache_shape, token_layout
 
 _BACKENDS: dict[str, Callable] = {"reference": reference.ragged_paged_attention,
-                                  "pallas_tpu": tpu.ragged_paged_attention}
+                                  "pallas_tpu": tpu.ragged_paged_attention,
+                                  "pallas_gpu": gpu.ragged_paged_attention}
 BACKEND_ENV = "JAXLLM_ATTENTION_BACKEND"
 
 
 def resolve_backend(name: str = "auto") -> str:
     """Pick the implementation for `name`. `auto` honours `JAXLLM_ATTENTION_BACKEND`, else takes the Mosaic TPU
-    kernel on TPUs and the reference elsewhere (the Mosaic GPU kernel is not written yet). The Pallas
-    backends run in their interpreters off their hardware: slow, but the same results."""
+    kernel on TPUs, the Mosaic GPU kernel on Hopper GPUs and the reference elsewhere. The Pallas backends run
+    in their interpreters off their hardware: slow, but the same results."""
     if name == "auto":
         name = os.environ.get(BACKEND_ENV, "auto")
     if name == "auto":
-        return "pallas_tpu" if jax.default_backend() == "tpu" else "reference"
+        return _auto_backend()
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(_BACKENDS)}")
     return name
+
+
+def _auto_backend() -> str:
+    device = jax.devices()[0]
+    if device.platform == "tpu":
+        return "pallas_tpu"
+    if device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0":
+        return "pallas_gpu"
+    return "reference"
 
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,

@@ -32,6 +32,9 @@ from pallas_kernels.reference import write_kv
 ROWS = 64  # query rows per tile: the M of one Hopper wgmma
 _LOG2E = math.log2(math.e)
 _NUM_SMS = 132  # H100 SXM; only sizes the split heuristic
+_SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper block may use
+# Lane semantics: registers carry the layouts we give them (wgmma's), no layout inference.
+_COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +98,29 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
     tokens_per_tile = ROWS // group
     num_tiles = min(num_tokens, -(-num_tokens // tokens_per_tile) + md.max_num_seqs)
     num_splits = sizes.num_splits or max(1, min(16, -(-2 * _NUM_SMS // (num_kv_heads * md.max_num_seqs))))
-    block_kv = min(sizes.block_kv, md.pages_per_seq * page_size)
-    if page_size < block_kv and block_kv % page_size or page_size > block_kv and page_size % block_kv:
-        raise ValueError(f"pallas_gpu: block_kv {block_kv} and page size {page_size} must divide one another")
-    return _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits, block_kv,
-                   sizes.num_stages)
+    block_kv = sizes.block_kv
+    if block_kv % ROWS or page_size < block_kv and block_kv % page_size or page_size > block_kv and page_size % block_kv:
+        raise ValueError(f"pallas_gpu: block_kv {block_kv} must be a multiple of {ROWS} and divide or be divided "
+                         f"by the page size {page_size}")
+    shapes = _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits,
+                     block_kv, sizes.num_stages)
+    return _fit_shared_memory(shapes, kv_cache.dtype)
+
+
+def _smem_bytes(shapes: _Shapes, dtype) -> int:
+    """Shared memory of one block: the query (later output) tile, K and V stages, P, and the row LSEs."""
+    item = jnp.dtype(dtype).itemsize
+    return (ROWS * shapes.head_dim * item + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
+            + ROWS * shapes.block_kv * item + ROWS * 4)
+
+
+def _fit_shared_memory(shapes: _Shapes, dtype) -> _Shapes:
+    """Fewer stages (down to 2) until a block fits Hopper's shared memory."""
+    while _smem_bytes(shapes, dtype) > _SMEM_BUDGET and shapes.num_stages > 2:
+        shapes = dataclasses.replace(shapes, num_stages=shapes.num_stages - 1)
+    if _smem_bytes(shapes, dtype) > _SMEM_BUDGET:
+        raise NotImplementedError(f"pallas_gpu: head dim {shapes.head_dim} does not fit in shared memory")
+    return shapes
 
 
 def _check_inputs(q: jax.Array, kv_cache: jax.Array, shapes: _Shapes) -> None:
@@ -126,12 +147,13 @@ def _tile_table(md: AttentionMetadata, num_tokens: int, shapes: _Shapes) -> jax.
 
 
 def _group_rows(q: jax.Array, shapes: _Shapes) -> jax.Array:
-    """`[T, H, D]` -> `[KVH, T*G + 64, D]`: each KV head's query rows token-major (row = token*G + g),
-    padded so that a 64-row tile starting at any token stays in bounds."""
+    """`[T, H, D]` -> `[KVH, rows, D]`: each KV head's query rows token-major (row = token*G + g), padded
+    so that a 64-row tile starting at any token stays in bounds."""
     num_tokens = q.shape[0]
     rows = q.reshape(num_tokens, shapes.num_kv_heads, shapes.group, shapes.head_dim).transpose(1, 0, 2, 3)
     rows = rows.reshape(shapes.num_kv_heads, num_tokens * shapes.group, shapes.head_dim)
-    return jnp.pad(rows, ((0, 0), (0, ROWS), (0, 0)))
+    padded = -(-num_tokens * shapes.group // ROWS) * ROWS + ROWS  # TMA wants whole 8-row tiles
+    return jnp.pad(rows, ((0, 0), (0, padded - num_tokens * shapes.group), (0, 0)))
 
 
 def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q_shape, shapes: _Shapes):
@@ -161,9 +183,8 @@ def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q
 
 def _call_kernel(tiles, layer, page_indices, q_rows, kv_cache, shapes: _Shapes, dtype, **attn):
     split = shapes.num_splits > 1
-    out_dtype = jnp.float32 if split else dtype
     out_type = [jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS,
-                                      shapes.head_dim), out_dtype)]
+                                      shapes.head_dim), dtype)]
     if split:
         out_type.append(jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS),
                                              jnp.float32))
@@ -174,7 +195,6 @@ def _call_kernel(tiles, layer, page_indices, q_rows, kv_cache, shapes: _Shapes, 
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, shapes.head_dim)),
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, shapes.head_dim)),
         plgpu.SMEM((ROWS, shapes.block_kv), dtype, transforms=_transforms(dtype, shapes.block_kv)),
-        plgpu.SMEM((ROWS, shapes.head_dim), out_dtype, transforms=_transforms(out_dtype, shapes.head_dim)),
         plgpu.SMEM((ROWS,), jnp.float32) if split else None,
         plgpu.Barrier(num_arrivals=1),
         plgpu.Barrier(num_arrivals=copies, num_barriers=shapes.num_stages),
@@ -184,7 +204,7 @@ def _call_kernel(tiles, layer, page_indices, q_rows, kv_cache, shapes: _Shapes, 
         results = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=scratch,
             grid=(shapes.num_kv_heads, shapes.num_tiles, shapes.num_splits),
-            grid_names=("kv_heads", "tiles", "splits"), compiler_params=plgpu.CompilerParams(approx_math=True),
+            grid_names=("kv_heads", "tiles", "splits"), compiler_params=_COMPILER_PARAMS,
         )(tiles, layer, page_indices, q_rows, kv_cache)
     return results[0], (results[1] if split else None)
 
@@ -206,7 +226,7 @@ def _kernel(tiles_ref, layer_ref, pages_ref, q_ref, kv_ref, *refs, shapes: _Shap
             sliding_window: int | None, soft_cap: float | None):
     split = shapes.num_splits > 1
     out_ref, lse_ref = (refs[0], refs[1]) if split else (refs[0], None)
-    q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
+    q_smem, k_smem, v_smem, p_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
     head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
 
     @pl.when(tiles_ref[slot, 5] != 0)
@@ -229,11 +249,11 @@ def _kernel(tiles_ref, layer_ref, pages_ref, q_ref, kv_ref, *refs, shapes: _Shap
                                       first_pos, sm_scale=sm_scale, sliding_window=sliding_window,
                                       soft_cap=soft_cap)
         l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-        o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
+        q_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(q_smem.dtype)  # the output
         if split:
             lse_smem[...] = m_i + jnp.log2(l_safe)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[part, head, slot])
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[part, head, slot])
         if split:
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[part, head, slot])
         plgpu.wait_smem_to_gmem(0)
