@@ -29,6 +29,7 @@ class EngineConfig:
     block_size: int = 16
     seed: int = 0
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     skip_tokenizer_init: bool = False
     num_gpu_blocks_override: int | None = None
     max_logprobs: int = 20
@@ -55,6 +56,7 @@ class EngineConfig:
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1"),
             (self.block_size >= 1, "block_size", "must be at least 1"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be at least 1"),
+            (self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be at least 1"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be at least 1"),
             (self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1, "num_gpu_blocks_override",
              "must be at least 1"),

@@ -22,12 +22,14 @@ class LLM:
     def __init__(self, model: str = "SmolLM2-135M-Instruct", tokenizer: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, block_size: int = 16,
-                 seed: int = 0, tensor_parallel_size: int = 1, skip_tokenizer_init: bool = False, **kwargs: Any):
+                 seed: int = 0, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 skip_tokenizer_init: bool = False, **kwargs: Any):
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, seed=seed,
-            tensor_parallel_size=tensor_parallel_size, skip_tokenizer_init=skip_tokenizer_init, **kwargs))
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            skip_tokenizer_init=skip_tokenizer_init, **kwargs))
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:

@@ -22,7 +22,7 @@ from jaxllm.engine_config import CPU_KV_CACHE_BYTES, EngineConfig
 from jaxllm.model_loader import load_model
 from jaxllm.output_processor import Completion, RequestGroup, position_logprobs
 from jaxllm.outputs import RequestOutput
-from jaxllm.parallel import make_mesh
+from jaxllm.parallel import layers_per_stage, make_mesh
 from jaxllm.request import Request
 from jaxllm.runner import MAX_BANNED, ModelRunner
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -42,7 +42,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         enable_compilation_cache(config.cache_dir())
-        mesh = make_mesh(tensor_parallel_size=config.tensor_parallel_size)
+        mesh = make_mesh(tensor_parallel_size=config.tensor_parallel_size,
+                         pipeline_parallel_size=config.pipeline_parallel_size)
         loaded = load_model(config.model, dtype=config.resolved_dtype(), mesh=mesh,
                             attention_backend=config.attention_backend, load_format=config.load_format,
                             seed=config.seed)
@@ -86,7 +87,8 @@ class LLMEngine:
         if config.num_gpu_blocks_override:
             return config.num_gpu_blocks_override
         kv_heads_per_device = max(cfg.num_kv_heads // config.tensor_parallel_size, 1)
-        page_bytes = (cfg.num_layers * config.block_size * 2 * kv_heads_per_device * cfg.head_dim
+        layers_per_device = layers_per_stage(cfg.num_layers, config.pipeline_parallel_size)
+        page_bytes = (layers_per_device * config.block_size * 2 * kv_heads_per_device * cfg.head_dim
                       * np.dtype(cfg.jnp_dtype).itemsize)
         device = mesh.devices.flat[0]
         stats = device.memory_stats() if device.platform != "cpu" else None

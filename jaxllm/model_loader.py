@@ -43,10 +43,11 @@ class LoadedModel:
     source: ModelSource | None = None
 
 
-def abstract_model(cfg: ModelConfig, attention_backend: str = "auto") -> nnx.Module:
+def abstract_model(cfg: ModelConfig, attention_backend: str = "auto", pipeline_stages: int = 1) -> nnx.Module:
     """The model with shapes and metadata but no arrays."""
     cls = model_class(cfg)
-    return nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0), attention_backend=attention_backend))
+    return nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0), attention_backend=attention_backend,
+                                      pipeline_stages=pipeline_stages))
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.State:
@@ -65,12 +66,13 @@ def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
     hf_config = load_hf_config(source)
     cfg = ModelConfig.from_hf(hf_config, dtype)
     mesh = mesh or make_mesh()
+    stages = mesh.shape["pipeline"]
     if load_format == "dummy":
         built = random_model(cfg, mesh, rules, seed, attention_backend)
     elif source.kind == "jaxllm":
-        built = _restore(abstract_model(cfg, attention_backend), source.path / PARAMS_DIR, mesh, rules)
+        built = _restore(abstract_model(cfg, attention_backend, stages), source.path / PARAMS_DIR, mesh, rules)
     else:
-        built = _fill(abstract_model(cfg, attention_backend), open_reader(source, cfg), mesh, rules, cfg)
+        built = _fill(abstract_model(cfg, attention_backend, stages), open_reader(source, cfg), mesh, rules, cfg)
     logger.info("loaded %s (%s, %s) from %s", cfg.architecture, cfg.dtype, _count(built), source.path)
     return LoadedModel(built, cfg, mesh, hf_config, source)
 
@@ -79,13 +81,15 @@ def random_model(cfg: ModelConfig, mesh: Mesh | None = None, rules: ShardingRule
                  seed: int = 0, attention_backend: str = "auto") -> nnx.Module:
     """A model with random weights created directly in their shardings on the devices (for benchmarks)."""
     mesh = mesh or make_mesh()
-    abstract = abstract_model(cfg, attention_backend)
+    stages = mesh.shape["pipeline"]
+    abstract = abstract_model(cfg, attention_backend, stages)
     graphdef, _ = nnx.split(abstract)
     shardings = param_shardings(abstract, mesh, rules)
 
     @jax.jit
     def init():
-        state = nnx.state(model_class(cfg)(cfg, nnx.Rngs(seed), attention_backend=attention_backend))
+        state = nnx.state(model_class(cfg)(cfg, nnx.Rngs(seed), attention_backend=attention_backend,
+                                           pipeline_stages=stages))
         return jax.lax.with_sharding_constraint(state, shardings)
 
     return nnx.merge(graphdef, init())
@@ -101,7 +105,8 @@ def open_reader(source: ModelSource, cfg: ModelConfig) -> TensorReader:
 
 
 def read_tensor(reader: TensorReader, rule: TensorRule, cfg: ModelConfig, shape: tuple[int, ...]) -> np.ndarray:
-    """One parameter in jaxllm layout, each checkpoint tensor checked against `shape` (per-layer ones stacked)."""
+    """One parameter in jaxllm layout, each checkpoint tensor checked against `shape` (per-layer ones stacked,
+    then zero-padded to `shape[0]` layers: the identity layers that even out pipeline stages)."""
     names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)] if rule.per_layer else [rule.hf_name]
     part_shape = shape[1:] if rule.per_layer else shape
     parts = []
@@ -119,7 +124,9 @@ def read_tensor(reader: TensorReader, rule: TensorRule, cfg: ModelConfig, shape:
             raise CheckpointError(f"tensor {name!r} has shape {raw.shape}, which does not fit the config "
                                   f"({'.'.join(rule.path)} needs {part_shape}{per_layer})")
         parts.append(part)
-    return np.stack(parts) if rule.per_layer else parts[0]
+    if not rule.per_layer:
+        return parts[0]
+    return np.pad(np.stack(parts), [(0, shape[0] - len(parts))] + [(0, 0)] * len(part_shape))
 
 
 def checked_tensors(abstract: nnx.Module, reader: TensorReader, cfg: ModelConfig
@@ -145,18 +152,23 @@ def _fill(abstract: nnx.Module, reader: TensorReader, mesh: Mesh, rules: Shardin
 
 
 def _restore(abstract: nnx.Module, params_dir: Path, mesh: Mesh, rules: ShardingRules) -> nnx.Module:
-    """Restore a converted model's parameters straight into their shardings: each device reads its shards."""
+    """Restore a converted model's parameters straight into their shardings: each device reads its shards.
+    Layer stacks longer than saved (pipeline stages' identity layers) are zero-padded by the restore."""
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     target = nest({path: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=named_sharding(
         v.shape, v.logical_axes, mesh, rules)) for path, v in flat})
     try:
-        restored = ocp.StandardCheckpointer().restore(params_dir, target)
+        restored = ocp.StandardCheckpointer().restore(params_dir, target, strict=not _padded(abstract))
     except Exception as e:
         raise CheckpointError(f"{params_dir}: cannot restore the parameters ({e})") from e
     for path, var in flat:
         var.set_value(functools.reduce(lambda tree, key: tree[key], path, restored))
     return nnx.merge(graphdef, state)
+
+
+def _padded(model: nnx.Module) -> bool:
+    return getattr(model, "pipeline_stages", 1) > 1 and model.cfg.num_layers % model.pipeline_stages != 0
 
 
 def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class ShardingRules:
     kv_heads: str | None = "tensor"
     head_dim: str | None = None
     mlp: str | None = "tensor"
-    layers: str | None = None
+    layers: str | None = "pipeline"
     kv_pages: str | None = None
     page: str | None = None
     tokens: str | None = None
@@ -59,12 +59,15 @@ def make_mesh(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, da
 
 def partition_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
                    rules: ShardingRules) -> PartitionSpec:
-    """The spec for an array; an axis whose size the mesh axis does not divide is replicated instead."""
+    """The spec for an array; an axis whose size the mesh axis does not divide is replicated instead, and a
+    mesh axis of size 1 is left out (the same layout, and the same spec as before that axis was used)."""
     if len(shape) != len(logical_axes):
         raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
     spec = []
     for size, logical in zip(shape, logical_axes):
         axis = rules.mesh_axis(logical)
+        if axis is not None and mesh.shape[axis] == 1:
+            axis = None
         if axis is not None and size % mesh.shape[axis] != 0:
             logger.info("replicating %s (size %d) over mesh axis %s of size %d", logical, size, axis,
                         mesh.shape[axis])
@@ -76,6 +79,17 @@ def partition_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mes
 def named_sharding(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
                    rules: ShardingRules) -> NamedSharding:
     return NamedSharding(mesh, partition_spec(shape, logical_axes, mesh, rules))
+
+
+def padded_layers(num_layers: int, num_stages: int) -> int:
+    """The stacked layer count: `num_layers` rounded up to a multiple of the pipeline stages, so that every
+    stage holds as many layers (the extra ones, at the end of the last stages, are zero, i.e. identities)."""
+    return -(-num_layers // num_stages) * num_stages
+
+
+def layers_per_stage(num_layers: int, num_stages: int) -> int:
+    """Decoder layers (and KV-cache layers) each device holds under `num_stages` pipeline stages."""
+    return padded_layers(num_layers, num_stages) // num_stages
 
 
 KV_CACHE_AXES = ("layers", "kv_pages", "page", "kv_heads", "head_dim")

@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxllm.engine_config import EngineConfig
-from jaxllm.parallel import ShardingRules, kv_cache_sharding
+from jaxllm.parallel import ShardingRules, kv_cache_sharding, padded_layers
 from jaxllm.request import Request
 from jaxllm.sampling import SampleResult, SamplingInputs, sample
 from jaxllm.scheduler import SchedulerOutput
@@ -79,7 +79,8 @@ class ModelRunner:
 
     def _cache_shape(self, num_pages: int) -> tuple:
         cfg = self.model_config
-        return kv_cache_shape(cfg.num_layers, num_pages, self.config.block_size, cfg.num_kv_heads, cfg.head_dim)
+        layers = padded_layers(cfg.num_layers, self.mesh.shape["pipeline"])  # pipeline stages' identity layers
+        return kv_cache_shape(layers, num_pages, self.config.block_size, cfg.num_kv_heads, cfg.head_dim)
 
     def _cache_sharding(self, num_pages: int) -> jax.sharding.NamedSharding:
         return kv_cache_sharding(self._cache_shape(num_pages), self.mesh, self.rules)

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxllm.parallel import ShardingRules, kv_cache_sharding, make_mesh
+from jaxllm.parallel import ShardingRules, kv_cache_sharding, make_mesh, padded_layers
 from pallas_kernels import AttentionMetadata, kv_cache_shape
 
 
@@ -19,8 +19,10 @@ class PagedRunner:
                  max_seqs: int = 8, mesh: Mesh | None = None):
         cfg = model.cfg
         self.page_size, self.pages_per_seq, self.max_seqs = page_size, pages_per_seq, max_seqs
-        shape = kv_cache_shape(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-        cache_sharding = kv_cache_sharding(shape, mesh or make_mesh(), ShardingRules())
+        mesh = mesh or make_mesh()
+        layers = padded_layers(cfg.num_layers, mesh.shape["pipeline"])  # as the engine's runner allocates it
+        shape = kv_cache_shape(layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        cache_sharding = kv_cache_sharding(shape, mesh, ShardingRules())
         self.kv_cache = jax.device_put(jnp.zeros(shape, cfg.jnp_dtype), cache_sharding)
         self.graphdef, self.state = nnx.split(model)
         # Pages handed out in a scrambled order so that tables are not the identity.

@@ -27,6 +27,17 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtyp
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+def pad_stacked(module: nnx.Module, size: int) -> None:
+    """Grow every parameter's leading `layers` axis to `size` with zeros. A decoder layer whose weights are
+    all zero is an exact identity (its attention and MLP add zeros to the residual stream), so pipeline
+    stages can hold equal layer counts whatever the model's depth."""
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Variable):
+            value = var[...]
+            widths = [(0, size - value.shape[0])] + [(0, 0)] * (value.ndim - 1)
+            var.set_value(jnp.pad(value, widths))
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, as `transformers` does, then scaled in the input dtype."""
     x32 = x.astype(jnp.float32)

@@ -1,11 +1,14 @@
 """The Llama-family decoder in Flax NNX: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
 
 Decoder layers are created once with every parameter stacked on a leading `layers` axis and run with
-`jax.lax.scan`, so compile time does not grow with depth. Attention reads and writes the paged KV cache
+`jax.lax.scan`, so compile time does not grow with depth. With `pipeline_stages > 1` the stack is padded to a
+multiple of the stages with identity layers and run as a pipeline (`jaxllm.pipeline`). Attention reads and writes the paged KV cache
 through `pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of prefills and decodes.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,9 @@ from flax import nnx
 
 import pallas_kernels
 from jaxllm.config import ModelConfig
-from jaxllm.models.layers import apply_rope, param, rms_norm, rope_inv_freq
+from jaxllm.models.layers import apply_rope, pad_stacked, param, rms_norm, rope_inv_freq
+from jaxllm.parallel import padded_layers
+from jaxllm.pipeline import run_pipeline
 from pallas_kernels.metadata import AttentionMetadata
 
 
@@ -93,14 +98,21 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """Token embeddings, a scanned stack of decoder layers, final norm and the LM head (tied or not)."""
+    """Token embeddings, a scanned stack of decoder layers, final norm and the LM head (tied or not).
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_backend: str = "auto"):
+    `pipeline_stages` is the size of the mesh's `pipeline` axis the model will run on: the layer stack then
+    holds `padded_layers(num_layers, pipeline_stages)` layers, the ones past `num_layers` all zeros."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_backend: str = "auto",
+                 pipeline_stages: int = 1):
         dt = cfg.jnp_dtype
         self.cfg = cfg
         self.attention_backend = pallas_kernels.resolve_backend(attention_backend)
+        self.pipeline_stages = pipeline_stages
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         self.layers = DecoderLayer(cfg, rngs, stack=cfg.num_layers)
+        if padded_layers(cfg.num_layers, pipeline_stages) != cfg.num_layers:
+            pad_stacked(self.layers, padded_layers(cfg.num_layers, pipeline_stages))
         self.norm = param(rngs, (cfg.hidden_size,), ("embed",), dt, init="ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
@@ -113,10 +125,20 @@ class LlamaForCausalLM(nnx.Module):
 
     def _forward(self, tokens: jax.Array, positions: jax.Array, kv_cache: jax.Array,
                  md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
-        cfg = self.cfg
         x = self.embed_tokens[...][tokens]
-        inv_freq = jnp.asarray(rope_inv_freq(cfg.rope, cfg.head_dim))
         graphdef, stacked = nnx.split(self.layers)
+        run_stack = functools.partial(self._run_stack, graphdef)
+        if self.pipeline_stages == 1:
+            x, kv_cache = run_stack(stacked, x, positions, kv_cache, md)
+        else:
+            x, kv_cache = run_pipeline(run_stack, stacked, x, positions, kv_cache, md, self.pipeline_stages)
+        return rms_norm(x, self.norm[...], self.cfg.rms_norm_eps), kv_cache
+
+    def _run_stack(self, graphdef: nnx.GraphDef, stacked: nnx.State, x: jax.Array, positions: jax.Array,
+                   kv_cache: jax.Array, md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
+        """The layers of `stacked` in order, each on the cache layer of its index in the stack (under the
+        pipeline, a stage's own layers and its own slice of the cache)."""
+        inv_freq = jnp.asarray(rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
 
         def one_layer(carry, xs):
             x, kv_cache = carry
@@ -124,8 +146,9 @@ class LlamaForCausalLM(nnx.Module):
             layer = nnx.merge(graphdef, layer_state)
             return layer(x, positions, inv_freq, kv_cache, md, index, self.attention_backend), None
 
-        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(cfg.num_layers)))
-        return rms_norm(x, self.norm[...], cfg.rms_norm_eps), kv_cache
+        depth = jax.tree.leaves(stacked)[0].shape[0]
+        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)))
+        return x, kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[N, vocab]` for the given hidden rows."""

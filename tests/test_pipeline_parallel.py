@@ -1,0 +1,154 @@
+"""Pipeline parallelism on CPU virtual devices: pipeline 2, tensor 2 and pipeline 2 x tensor 2 give the greedy
+tokens of one device, on every architecture (3 layers: an uneven split into 2 stages) and on SmolLM2 (30
+layers: an even split), with each stage holding only its own layers and cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.cli import build_parser
+from jaxllm.engine_config import EngineConfig
+from jaxllm.model_loader import load_model
+from jaxllm.parallel import layers_per_stage, make_mesh, padded_layers
+from jaxllm.pipeline import microbatch_metadata
+from pallas_kernels import AttentionMetadata, kv_cache_shape
+from pallas_kernels.reference import ragged_paged_attention
+from tests.paged import PagedRunner
+from tests.tiny_models import TINY, make_tiny
+
+PROMPTS = {0: list(range(5, 30)), 1: [3, 4, 5, 6], 2: list(range(40, 52))}
+STEP_TOKENS = 48  # every step padded to one size: one compile per layout
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (pipeline, tensor)
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"pp-{request.param}")
+    make_tiny(request.param, path)
+    return request.param, path
+
+
+def greedy(path, pipeline: int, tensor: int, steps: int = 5) -> tuple[dict, list]:
+    """Prefill three prompts in one ragged step, then decode greedily; the tokens and each step's last logits."""
+    mesh = make_mesh(tensor_parallel_size=tensor, pipeline_parallel_size=pipeline)
+    runner = PagedRunner(load_model(str(path), mesh=mesh).model, page_size=8, mesh=mesh)
+    feeds, tokens, logits = dict(PROMPTS), {seq: [] for seq in PROMPTS}, []
+    for _ in range(steps):
+        out = runner.step(feeds, pad_tokens=STEP_TOKENS - sum(map(len, feeds.values())))
+        logits.append({seq: rows[-1] for seq, rows in out.items()})
+        feeds = {seq: [int(rows[-1].argmax())] for seq, rows in out.items()}
+        for seq, feed in feeds.items():
+            tokens[seq] += feed
+    return tokens, logits
+
+
+def test_layouts_give_the_single_device_greedy_tokens(checkpoint):
+    name, path = checkpoint
+    base_tokens, base_logits = greedy(path, 1, 1)
+    layouts = LAYOUTS + [(4, 1)] if name == "llama" else LAYOUTS  # 4 stages of 3 layers: one all identity
+    for pipeline, tensor in layouts:
+        tokens, logits = greedy(path, pipeline, tensor)
+        assert tokens == base_tokens, f"{name} pipeline={pipeline} tensor={tensor}"
+        for step, base in zip(logits, base_logits):
+            for seq in base:
+                np.testing.assert_allclose(step[seq], base[seq], rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{name} pipeline={pipeline} tensor={tensor}")
+
+
+def test_stages_hold_only_their_layers(tmp_path):
+    """3 layers over 2 stages, each split over tensor 2: a zero (identity) 4th layer, 2 layers per device,
+    read from a Hugging Face directory or restored from a converted one; the step passes activations
+    between stages and never gathers weights."""
+    from conversion import convert
+
+    make_tiny("llama", tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "converted"), "auto", False)
+    mesh = make_mesh(tensor_parallel_size=2, pipeline_parallel_size=2)
+    model = load_model(str(tmp_path / "hf"), mesh=mesh).model
+    q_proj = model.layers.attn.q_proj[...]
+    assert q_proj.shape == (4, 64, 4, 16)
+    assert q_proj.sharding.spec == PartitionSpec("pipeline", None, "tensor", None)
+    assert {s.data.shape for s in q_proj.addressable_shards} == {(2, 64, 2, 16)}
+    for stage, devices in enumerate(mesh.devices[0]):
+        held = {s.index[0] for s in q_proj.addressable_shards if s.device in devices}
+        assert held == {slice(2 * stage, 2 * stage + 2)}
+    assert not np.asarray(model.layers.mlp.down_proj[...])[3].any()
+    assert not np.asarray(model.layers.input_norm[...])[3].any()
+    restored = load_model(str(tmp_path / "converted"), mesh=mesh).model
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(model))):
+        assert ours.sharding == theirs.sharding
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+    runner = PagedRunner(model, page_size=8, mesh=mesh)
+    assert {s.data.shape[:1] + s.data.shape[3:4] for s in runner.kv_cache.addressable_shards} == {(2, 2)}
+    md = AttentionMetadata(jnp.zeros(9, jnp.int32), jnp.zeros(8, jnp.int32), jnp.zeros((8, 16), jnp.int32),
+                           jnp.zeros(1, jnp.int32))
+    zeros = jnp.zeros(16, jnp.int32)
+    hlo = runner._step.lower(runner.state, runner.kv_cache, zeros, zeros, md).compile().as_text()
+    assert "collective-permute" in hlo
+    assert "all-gather" not in hlo
+
+
+@pytest.mark.parametrize("num_microbatches", [2, 3, 5])
+def test_microbatches_attend_as_the_whole_batch(num_microbatches):
+    """Sequences cut across micro-batches (chunked-prefill style) get the same attention and cache writes,
+    micro-batch after micro-batch, as the whole ragged batch in one call; padding rows touch nothing."""
+    rng = np.random.default_rng(0)
+    q_lens, contexts, page, heads, kv_heads, dim = [7, 1, 12, 1, 3], [0, 9, 4, 20, 0], 4, 4, 2, 8
+    num_tokens, pages_per_seq, max_seqs = 30, 8, 8  # 24 real rows, 6 padding
+    cache = jnp.asarray(rng.normal(size=kv_cache_shape(2, 64, page, kv_heads, dim)), jnp.float32)
+    table = rng.permutation(64)[:max_seqs * pages_per_seq].reshape(max_seqs, pages_per_seq)
+    cu = np.zeros(max_seqs + 1, np.int32)
+    cu[1:len(q_lens) + 1] = np.cumsum(q_lens)
+    cu[len(q_lens) + 1:] = cu[len(q_lens)]
+    kv = np.zeros(max_seqs, np.int32)
+    kv[:len(q_lens)] = np.add(q_lens, contexts)
+    md = AttentionMetadata(jnp.asarray(cu), jnp.asarray(kv), jnp.asarray(table, jnp.int32),
+                           jnp.asarray([len(q_lens)], jnp.int32))
+    q = jnp.asarray(rng.normal(size=(num_tokens, heads, dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(num_tokens, kv_heads, dim)), jnp.float32) for _ in range(2))
+    attend = jax.jit(lambda q, k, v, cache, md: ragged_paged_attention(q, k, v, cache, md, 1, sm_scale=0.3))
+    whole, whole_cache = attend(q, k, v, cache, md)
+
+    rows = -(-num_tokens // num_microbatches)
+    pad = ((0, num_microbatches * rows - num_tokens), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad).reshape(num_microbatches, rows, *a.shape[1:]) for a in (q, k, v))
+    mds = microbatch_metadata(md, num_microbatches, rows)
+    outs = []
+    for m in range(num_microbatches):
+        out, cache = attend(q[m], k[m], v[m], cache, jax.tree.map(lambda a: a[m], mds))
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs)[:cu[len(q_lens)]], whole[:cu[len(q_lens)]], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache), np.asarray(whole_cache))
+
+
+def test_smollm2_pipeline_and_tensor_parallel_match_one_device(smollm2_llm, tmp_path_factory):
+    """30 layers in 2 stages of 15, each over tensor 2, through the whole engine (chunked prefill in 16-token
+    steps): the greedy tokens of the single-device engine."""
+    llm = LLM(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64,
+              pipeline_parallel_size=2, tensor_parallel_size=2,
+              compilation_cache_dir=str(tmp_path_factory.mktemp("xla-pp")))
+    q_proj = llm.llm_engine.runner.params["layers"]["attn"]["q_proj"][...]
+    assert {s.data.shape[0] for s in q_proj.addressable_shards} == {15}
+    conversations = [[{"role": "user", "content": "What is the capital of France?"}],
+                     [{"role": "user", "content": "Name three colours."}]]
+    params = SamplingParams(temperature=0, max_tokens=10)
+    ours = llm.chat(conversations, params, use_tqdm=False)
+    theirs = smollm2_llm.chat(conversations, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]
+    assert "Paris" in ours[0].outputs[0].text
+
+
+def test_pipeline_parallel_size_flag_and_config():
+    parser = build_parser()
+    for command in (["serve", "m"], ["generate", "hi"], ["chat"]):
+        assert parser.parse_args([*command, "--pipeline-parallel-size", "4"]).pipeline_parallel_size == 4
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        EngineConfig(pipeline_parallel_size=0)
+    assert (padded_layers(30, 4), layers_per_stage(30, 4), padded_layers(3, 2), layers_per_stage(32, 1)) == (
+        32, 8, 4, 32)
