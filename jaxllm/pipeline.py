@@ -34,8 +34,13 @@ PIPELINE_AXIS = "pipeline"
 StageFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
-def microbatch_metadata(md: AttentionMetadata, num_microbatches: int, rows: int) -> AttentionMetadata:
-    """The metadata of each `rows`-row slice of the batch, stacked on a leading micro-batch axis.
+def num_microbatches(num_tokens: int, num_stages: int) -> int:
+    """Micro-batches per step: one per stage, GPipe's smallest count that lets every stage work at once."""
+    return min(num_stages, num_tokens)
+
+
+def microbatch_metadata(md: AttentionMetadata, count: int, rows: int) -> AttentionMetadata:
+    """The metadata of each of the `count` slices of `rows` rows of the batch, stacked on a leading axis.
 
     Micro-batch `m` covers rows `[m * rows, (m + 1) * rows)`. The sequences it overlaps are a contiguous
     range of the batch's; they are moved to the front, each with the query rows that fall in the slice and
@@ -48,18 +53,18 @@ def microbatch_metadata(md: AttentionMetadata, num_microbatches: int, rows: int)
     def one(m: jax.Array) -> AttentionMetadata:
         first_row, end_row = m * rows, (m + 1) * rows
         first = jnp.sum(real & (ends <= first_row))
-        count = jnp.sum(real & (starts < end_row)) - first
+        num_seqs = jnp.sum(real & (starts < end_row)) - first
         source = jnp.minimum(first + seqs, md.max_num_seqs - 1)
-        present = seqs < count
+        present = seqs < num_seqs
         lo = jnp.clip(starts, first_row, end_row)[source]
         hi = jnp.clip(ends, first_row, end_row)[source]
         q_lens = jnp.where(present, hi - lo, 0)
         kv_lens = jnp.where(present, md.kv_lens[source] - (ends[source] - hi), 0)
         cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_lens, dtype=jnp.int32)])
         return AttentionMetadata(cu_q_lens, kv_lens.astype(jnp.int32), md.page_indices[source],
-                                 count.astype(jnp.int32)[None])
+                                 num_seqs.astype(jnp.int32)[None])
 
-    return jax.vmap(one)(jnp.arange(num_microbatches))
+    return jax.vmap(one)(jnp.arange(count))
 
 
 def run_pipeline(stage_fn: StageFn, stage_params, x: jax.Array, positions: jax.Array, kv_cache: jax.Array,
@@ -73,19 +78,19 @@ def run_pipeline(stage_fn: StageFn, stage_params, x: jax.Array, positions: jax.A
         raise ValueError(f"the model has {num_stages} pipeline stages but its KV cache is not split over a "
                          f"'{PIPELINE_AXIS}' mesh axis of that size")
     num_tokens, embed = x.shape
-    num_microbatches = num_stages
-    rows = -(-num_tokens // num_microbatches)
-    pad = num_microbatches * rows - num_tokens
-    x_mb = jnp.pad(x, ((0, pad), (0, 0))).reshape(num_microbatches, rows, embed)
-    positions_mb = jnp.pad(positions, (0, pad)).reshape(num_microbatches, rows)
-    md_mb = microbatch_metadata(md, num_microbatches, rows)
+    count = num_microbatches(num_tokens, num_stages)
+    rows = -(-num_tokens // count)
+    pad = count * rows - num_tokens
+    x_mb = jnp.pad(x, ((0, pad), (0, 0))).reshape(count, rows, embed)
+    positions_mb = jnp.pad(positions, (0, pad)).reshape(count, rows)
+    md_mb = microbatch_metadata(md, count, rows)
     stages = PartitionSpec(PIPELINE_AXIS)
     body = jax.shard_map(
         lambda p, xs, ps, kv, mds: _schedule(stage_fn, p, xs, ps, kv, mds, num_stages),
         mesh=mesh, in_specs=(stages, PartitionSpec(), PartitionSpec(), stages, PartitionSpec()),
         out_specs=(PartitionSpec(), stages), axis_names={PIPELINE_AXIS}, check_vma=False)
     out, kv_cache = body(stage_params, x_mb, positions_mb, kv_cache, md_mb)
-    return out.reshape(num_microbatches * rows, embed)[:num_tokens], kv_cache
+    return out.reshape(count * rows, embed)[:num_tokens], kv_cache
 
 
 def _schedule(stage_fn: StageFn, params, x_mb: jax.Array, positions_mb: jax.Array, kv_cache: jax.Array,
@@ -94,7 +99,7 @@ def _schedule(stage_fn: StageFn, params, x_mb: jax.Array, positions_mb: jax.Arra
 
     Ticks where this stage has no micro-batch still compute (stages run in lockstep) but on metadata with no
     sequences, so they write nothing to the cache; only the last stage's results are kept."""
-    num_microbatches = x_mb.shape[0]
+    count = x_mb.shape[0]
     stage = jax.lax.axis_index(PIPELINE_AXIS)
     last = stage == num_stages - 1
     forward = [(s, s + 1) for s in range(num_stages - 1)]
@@ -102,8 +107,8 @@ def _schedule(stage_fn: StageFn, params, x_mb: jax.Array, positions_mb: jax.Arra
     def tick(carry, t):
         inbox, kv_cache, outs = carry
         m = t - stage
-        active = (m >= 0) & (m < num_microbatches)
-        m = jnp.clip(m, 0, num_microbatches - 1)
+        active = (m >= 0) & (m < count)
+        m = jnp.clip(m, 0, count - 1)
         md = jax.tree.map(lambda a: a[m], md_mb)
         md = AttentionMetadata(md.cu_q_lens, md.kv_lens, md.page_indices, jnp.where(active, md.num_seqs, 0))
         y, kv_cache = stage_fn(params, jnp.where(stage == 0, x_mb[m], inbox), positions_mb[m], kv_cache, md)
@@ -111,5 +116,7 @@ def _schedule(stage_fn: StageFn, params, x_mb: jax.Array, positions_mb: jax.Arra
         return (jax.lax.ppermute(y, PIPELINE_AXIS, forward), kv_cache, outs), None
 
     init = (jnp.zeros_like(x_mb[0]), kv_cache, jnp.zeros_like(x_mb))
-    (_, kv_cache, outs), _ = jax.lax.scan(tick, init, jnp.arange(num_microbatches + num_stages - 1))
-    return jax.lax.psum(outs, PIPELINE_AXIS), kv_cache  # zeros everywhere but on the last stage
+    (_, kv_cache, outs), _ = jax.lax.scan(tick, init, jnp.arange(count + num_stages - 1))
+    # Zeros everywhere but on the last stage, so the sum is exact. Summed in float32: XLA's CPU compiler
+    # fails on a bfloat16 all-reduce here (AllReducePromotion: "Invalid binary instruction opcode copy").
+    return jax.lax.psum(outs.astype(jnp.float32), PIPELINE_AXIS).astype(outs.dtype), kv_cache

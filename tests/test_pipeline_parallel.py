@@ -93,6 +93,19 @@ def test_stages_hold_only_their_layers(tmp_path):
     assert "all-gather" not in hlo
 
 
+def test_bfloat16_stages(tmp_path):
+    """A bfloat16 model in 2 stages compiles (XLA's CPU compiler rejects a bfloat16 all-reduce of the stages'
+    outputs) and stays within bfloat16 rounding of one device."""
+    make_tiny("qwen3", tmp_path)
+    out = {}
+    for pipeline in (1, 2):
+        mesh = make_mesh(pipeline_parallel_size=pipeline)
+        runner = PagedRunner(load_model(str(tmp_path), dtype="bfloat16", mesh=mesh).model, page_size=8, mesh=mesh)
+        out[pipeline] = runner.step(dict(PROMPTS), pad_tokens=4)
+    for seq in PROMPTS:
+        np.testing.assert_allclose(out[2][seq], out[1][seq], rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("num_microbatches", [2, 3, 5])
 def test_microbatches_attend_as_the_whole_batch(num_microbatches):
     """Sequences cut across micro-batches (chunked-prefill style) get the same attention and cache writes,
