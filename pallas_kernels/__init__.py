@@ -11,6 +11,7 @@ import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import gpu, reference, tpu
 from pallas_kernels.metadata import AttentionMetadata, kv_cache_shape, token_layout
@@ -21,24 +22,26 @@ _BACKENDS: dict[str, Callable] = {"reference": reference.ragged_paged_attention,
 BACKEND_ENV = "JAXLLM_ATTENTION_BACKEND"
 
 
-def resolve_backend(name: str = "auto") -> str:
+def resolve_backend(name: str = "auto", dtype=None) -> str:
     """Pick the implementation for `name`. `auto` honours `JAXLLM_ATTENTION_BACKEND`, else takes the Mosaic TPU
-    kernel on TPUs, the Mosaic GPU kernel on Hopper GPUs and the reference elsewhere. The Pallas backends run
-    in their interpreters off their hardware: slow, but the same results."""
+    kernel on TPUs, the Mosaic GPU kernel on Hopper GPUs for 16-bit models (`dtype`; its tensor-core path
+    reads 16-bit K/V only) and the reference elsewhere. The Pallas backends run in their interpreters off
+    their hardware: slow, but the same results."""
     if name == "auto":
         name = os.environ.get(BACKEND_ENV, "auto")
     if name == "auto":
-        return _auto_backend()
+        return _auto_backend(dtype)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(_BACKENDS)}")
     return name
 
 
-def _auto_backend() -> str:
+def _auto_backend(dtype) -> str:
     device = jax.devices()[0]
     if device.platform == "tpu":
         return "pallas_tpu"
-    if device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0":
+    sixteen_bit = dtype is not None and jnp.dtype(dtype).itemsize == 2
+    if device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0" and sixteen_bit:
         return "pallas_gpu"
     return "reference"
 

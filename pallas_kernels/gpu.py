@@ -62,7 +62,9 @@ class _Shapes:
 
     @property
     def tokens_per_tile(self) -> int:
-        return ROWS // self.group
+        """As many tokens as fill 64 rows while every tile starts 8-row aligned (TMA moves 8-row tiles)."""
+        step = 8 // math.gcd(self.group, 8)
+        return ROWS // self.group // step * step
 
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
@@ -81,8 +83,8 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
     split merge and the row scatter back to `[T, H, D]` in XLA."""
     shapes = _plan(q.shape, kv_cache, md, sizes)
     _check_inputs(q, kv_cache, shapes)
-    tiles = _tile_table(md, q.shape[0], shapes)
-    q_rows = _group_rows(q, shapes)
+    tiles = _tile_table(md, shapes)
+    q_rows = _group_rows(q, md, shapes)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     out, lse = _call_kernel(tiles, layer, md.page_indices, q_rows, kv_cache, shapes, q.dtype,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
@@ -95,7 +97,7 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
     group = num_heads // num_kv_heads
     if group > ROWS:
         raise NotImplementedError(f"pallas_gpu: at most {ROWS} query heads per KV head, got {group}")
-    tokens_per_tile = ROWS // group
+    tokens_per_tile = _Shapes(num_kv_heads, group, head_dim, page_size, 1, 1, 1, 1, 1).tokens_per_tile
     num_tiles = min(num_tokens, -(-num_tokens // tokens_per_tile) + md.max_num_seqs)
     num_splits = sizes.num_splits or max(1, min(16, -(-2 * _NUM_SMS // (num_kv_heads * md.max_num_seqs))))
     block_kv = sizes.block_kv
@@ -131,9 +133,19 @@ def _check_inputs(q: jax.Array, kv_cache: jax.Array, shapes: _Shapes) -> None:
         raise NotImplementedError(f"pallas_gpu needs a head dim that is a multiple of 64, got {shapes.head_dim}")
 
 
-def _tile_table(md: AttentionMetadata, num_tokens: int, shapes: _Shapes) -> jax.Array:
-    """Per tile slot `[num_tiles, 6]`: sequence, first token row, token offset in the sequence, the
-    sequence's q_len and kv_len, and whether the slot holds a tile (1) or is spare (0)."""
+def _row_bases(md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
+    """First query row of each sequence in the grouped layout: every sequence starts on a multiple of 8
+    rows, because TMA moves 8-row tiles into the swizzled shared memory wgmma reads (an unaligned start
+    would leave part of each tile empty)."""
+    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
+    real = jnp.arange(md.max_num_seqs) < md.num_seqs[0]
+    sizes = jnp.where(real, -(-q_lens * shapes.group // 8) * 8, 0)
+    return jnp.cumsum(sizes) - sizes
+
+
+def _tile_table(md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
+    """Per tile slot `[num_tiles, 6]`: sequence, first grouped query row, token offset in the sequence,
+    the sequence's q_len and kv_len, and whether the slot holds a tile (1) or is spare (0)."""
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
     real = jnp.arange(md.max_num_seqs) < md.num_seqs[0]
     per_seq = jnp.where(real, -(-q_lens // shapes.tokens_per_tile), 0)
@@ -141,19 +153,23 @@ def _tile_table(md: AttentionMetadata, num_tokens: int, shapes: _Shapes) -> jax.
     slot = jnp.arange(shapes.num_tiles, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), md.max_num_seqs - 1).astype(jnp.int32)
     offset = (slot - (ends[seq] - per_seq[seq])) * shapes.tokens_per_tile
-    first_row = md.cu_q_lens[seq] + offset
+    first_row = _row_bases(md, shapes)[seq] + offset * shapes.group
     active = (slot < ends[-1]).astype(jnp.int32)
     return jnp.stack([seq, first_row, offset, q_lens[seq], md.kv_lens[seq], active], axis=1).astype(jnp.int32)
 
 
-def _group_rows(q: jax.Array, shapes: _Shapes) -> jax.Array:
-    """`[T, H, D]` -> `[KVH, rows, D]`: each KV head's query rows token-major (row = token*G + g), padded
-    so that a 64-row tile starting at any token stays in bounds."""
+def _group_rows(q: jax.Array, md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
+    """`[T, H, D]` -> `[KVH, rows, D]`: each KV head's query rows, sequence by sequence from 8-aligned
+    bases, token-major within a sequence (row = base + token * G + g); padded so that a 64-row tile
+    starting at any base stays in bounds."""
     num_tokens = q.shape[0]
-    rows = q.reshape(num_tokens, shapes.num_kv_heads, shapes.group, shapes.head_dim).transpose(1, 0, 2, 3)
-    rows = rows.reshape(shapes.num_kv_heads, num_tokens * shapes.group, shapes.head_dim)
-    padded = -(-num_tokens * shapes.group // ROWS) * ROWS + ROWS  # TMA wants whole 8-row tiles
-    return jnp.pad(rows, ((0, 0), (0, padded - num_tokens * shapes.group), (0, 0)))
+    num_rows = -(-(num_tokens * shapes.group + 8 * md.max_num_seqs) // 8) * 8 + ROWS
+    seq, _, valid = token_layout(md, num_tokens)
+    first = _row_bases(md, shapes)[seq] + (jnp.arange(num_tokens) - md.cu_q_lens[seq]) * shapes.group
+    rows = jnp.where(valid[:, None], first[:, None] + jnp.arange(shapes.group)[None, :], num_rows)
+    grouped = q.reshape(num_tokens, shapes.num_kv_heads, shapes.group, shapes.head_dim).transpose(1, 0, 2, 3)
+    out = jnp.zeros((shapes.num_kv_heads, num_rows, shapes.head_dim), q.dtype)
+    return out.at[:, rows].set(grouped, mode="drop")
 
 
 def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q_shape, shapes: _Shapes):
@@ -243,7 +259,7 @@ def _kernel(tiles_ref, layer_ref, pages_ref, q_ref, kv_ref, *refs, shapes: _Shap
                                   layer_ref[0], seq, head, start)
         for j in range(shapes.num_stages):
             pl.when(j < steps)(functools.partial(fetch, j))
-        plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row * shapes.group, ROWS)], q_smem, q_barrier)
+        plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, ROWS)], q_smem, q_barrier)
         plgpu.barrier_wait(q_barrier)
         acc, m_i, l_i = _attend_steps(q_smem, k_smem, v_smem, p_smem, kv_barriers, fetch, shapes, steps, start,
                                       first_pos, sm_scale=sm_scale, sliding_window=sliding_window,

@@ -107,7 +107,7 @@ class LlamaForCausalLM(nnx.Module):
                  pipeline_stages: int = 1):
         dt = cfg.jnp_dtype
         self.cfg = cfg
-        self.attention_backend = pallas_kernels.resolve_backend(attention_backend)
+        self.attention_backend = pallas_kernels.resolve_backend(attention_backend, cfg.jnp_dtype)
         self.pipeline_stages = pipeline_stages
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         self.layers = DecoderLayer(cfg, rngs, stack=cfg.num_layers)

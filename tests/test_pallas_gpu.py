@@ -1,0 +1,59 @@
+"""The Mosaic GPU kernel, run by JAX's GPU interpreter on CPU, against the dense reference on random ragged
+batches (bfloat16: the kernel's tensor-core path reads 16-bit K/V); its contract errors; backend choice.
+
+The interpreter checks the kernel's semantics (TMA copies, barriers, wgmma, the split merge); Mosaic's
+lowering and real timing are checked on an H100 by `benchmarks/attention.py`."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels import gpu
+from tests.test_reference_attention import dense_attention, random_batch
+
+CASES = [
+    # q_lens, ctx, heads, kv_heads, head_dim, page, window, soft_cap, splits
+    ([1, 1, 1], [1, 17, 70], 8, 2, 64, 16, None, None, 1),  # decode, GQA 4, one split
+    ([5, 1, 20], [70, 17, 20], 8, 2, 64, 16, None, None, 3),  # mixed prefill/decode, three KV splits
+    ([9, 1, 12], [9, 40, 90], 7, 1, 64, 32, 20, None, None),  # G=7 (tiles of 8 tokens), sliding window
+    ([3, 6], [130, 6], 2, 2, 128, 128, None, 5.0, 2),  # MHA, soft-cap, page larger than a KV block
+    ([2, 1], [66, 3], 4, 2, 256, 64, None, None, None),  # head dim 256 (two stages fit)
+]
+
+
+def run_kernel(q_lens, ctx, h, kvh, d, page, window, cap, splits):
+    rng = np.random.default_rng(sum(ctx) + d + h)
+    q, k, v, cache, md = random_batch(rng, q_lens, ctx, h, kvh, d, page, max_seqs=len(q_lens) + 1)
+    args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, cache)]
+    out, new_cache = gpu.ragged_paged_attention(*args, md, 1, sm_scale=0.7 / np.sqrt(d), sliding_window=window,
+                                                soft_cap=cap, sizes=gpu.BlockSizes(num_splits=splits))
+    expected = dense_attention(*(np.asarray(a, np.float32) for a in args), md, 1, 0.7 / np.sqrt(d), window, cap)
+    return np.asarray(out, np.float32), expected, sum(q_lens)
+
+
+@pytest.mark.parametrize("q_lens,ctx,h,kvh,d,page,window,cap,splits", CASES)
+def test_matches_dense_attention(q_lens, ctx, h, kvh, d, page, window, cap, splits):
+    out, expected, n = run_kernel(q_lens, ctx, h, kvh, d, page, window, cap, splits)
+    row_err = np.linalg.norm(out[:n] - expected[:n], axis=(1, 2)) / np.linalg.norm(expected[:n], axis=(1, 2))
+    assert row_err.max() < 1e-2  # every query row, at bfloat16 precision
+    np.testing.assert_array_equal(out[n:], 0.0)  # padding rows
+
+
+def test_tiles_start_on_whole_tma_tiles():
+    for group in range(1, 17):
+        shapes = gpu._Shapes(1, group, 128, 16, 1, 1, 1, 64, 2)
+        assert shapes.tokens_per_tile * group <= gpu.ROWS and shapes.tokens_per_tile * group % 8 == 0
+
+
+def test_float32_is_refused_with_a_clear_error():
+    rng = np.random.default_rng(0)
+    q, k, v, cache, md = random_batch(rng, [1], [5], 4, 2, 64, 16)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, cache)]
+    with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
+        gpu.ragged_paged_attention(*args, md, 0, sm_scale=0.1)
+
+
+def test_backend_selection():
+    assert pallas_kernels.resolve_backend("pallas_gpu") == "pallas_gpu"
+    assert pallas_kernels.resolve_backend("auto", jnp.bfloat16) == "reference"  # on CPU
