@@ -9,8 +9,10 @@ contexts are split over `num_splits` blocks (flash-decoding); XLA merges their p
 log-sum-exp. New K/V rows are written into their pages before the kernel (an in-place scatter on the
 donated cache), as the TPU kernel does.
 
-Inputs must be 16-bit (bfloat16 or float16): the tensor cores read V as stored (token-major), which
-wgmma allows only for 16-bit operands.
+16-bit inputs (bfloat16, float16) go to the tensor cores as stored. float32 inputs are split into
+bfloat16 high and low halves (x = hi + lo) and each product is taken as hi.hi + hi.lo + lo.hi, about 16
+mantissa bits: wgmma reads V as stored (token-major) only for 16-bit operands, so float32 cannot use its
+tf32 mode here, and tf32 alone would be too coarse for float32 models anyway.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class _Shapes:
     num_splits: int
     block_kv: int
     num_stages: int
+    split_float32: bool = False  # float32 inputs, computed as bfloat16 high and low halves
 
     @property
     def tokens_per_tile(self) -> int:
@@ -85,8 +88,9 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
     _check_inputs(q, kv_cache, shapes)
     tiles = _tile_table(md, shapes)
     q_rows = _group_rows(q, md, shapes)
+    q_parts = _split_halves(q_rows) if shapes.split_float32 else (q_rows,)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    out, lse = _call_kernel(tiles, layer, md.page_indices, q_rows, kv_cache, shapes, q.dtype,
+    out, lse = _call_kernel(tiles, layer, md.page_indices, q_parts, kv_cache, shapes, q.dtype,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     return _gather_rows(out, lse, md, q.shape, shapes).astype(q.dtype)
 
@@ -104,16 +108,21 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
     if block_kv % ROWS or page_size < block_kv and block_kv % page_size or page_size > block_kv and page_size % block_kv:
         raise ValueError(f"pallas_gpu: block_kv {block_kv} must be a multiple of {ROWS} and divide or be divided "
                          f"by the page size {page_size}")
+    split_float32 = jnp.dtype(kv_cache.dtype) == jnp.float32
+    if split_float32:
+        block_kv = ROWS  # the output tile reuses a float32 KV stage
     shapes = _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits,
-                     block_kv, sizes.num_stages)
+                     block_kv, sizes.num_stages, split_float32)
     return _fit_shared_memory(shapes, kv_cache.dtype)
 
 
 def _smem_bytes(shapes: _Shapes, dtype) -> int:
-    """Shared memory of one block: the query (later output) tile, K and V stages, P, and the row LSEs."""
-    item = jnp.dtype(dtype).itemsize
-    return (ROWS * shapes.head_dim * item + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
-            + ROWS * shapes.block_kv * item + ROWS * 4)
+    """Shared memory of one block: the query tile(s), K and V stages, P, the row LSEs, and for float32 one
+    bfloat16 K/V half."""
+    item, halves = jnp.dtype(dtype).itemsize, 2 if shapes.split_float32 else 1
+    size = (halves * ROWS * shapes.head_dim * 2 + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
+            + ROWS * shapes.block_kv * 2 + ROWS * 4)
+    return size + (shapes.block_kv * shapes.head_dim * 2 if shapes.split_float32 else 0)
 
 
 def _fit_shared_memory(shapes: _Shapes, dtype) -> _Shapes:
@@ -126,9 +135,10 @@ def _fit_shared_memory(shapes: _Shapes, dtype) -> _Shapes:
 
 
 def _check_inputs(q: jax.Array, kv_cache: jax.Array, shapes: _Shapes) -> None:
-    if q.dtype != kv_cache.dtype or jnp.dtype(q.dtype).itemsize != 2:
-        raise NotImplementedError(
-            f"pallas_gpu needs bfloat16 or float16 queries and cache, got {q.dtype} and {kv_cache.dtype}")
+    dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+    if q.dtype != kv_cache.dtype or jnp.dtype(q.dtype) not in dtypes:
+        raise NotImplementedError(f"pallas_gpu needs bfloat16, float16 or float32 queries and cache of one "
+                                  f"dtype, got {q.dtype} and {kv_cache.dtype}")
     if shapes.head_dim % 64:
         raise NotImplementedError(f"pallas_gpu needs a head dim that is a multiple of 64, got {shapes.head_dim}")
 
@@ -172,6 +182,12 @@ def _group_rows(q: jax.Array, md: AttentionMetadata, shapes: _Shapes) -> jax.Arr
     return out.at[:, rows].set(grouped, mode="drop")
 
 
+def _split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 -> bfloat16 (hi, lo) with x ~= hi + lo to about 16 mantissa bits."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
 def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q_shape, shapes: _Shapes):
     """Pick each query row out of its tile (merging the KV splits by log-sum-exp) back into `[T, H, D]`;
     padding rows are zero, as in the reference."""
@@ -197,32 +213,40 @@ def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q
     return merged.reshape(q_shape)
 
 
-def _call_kernel(tiles, layer, page_indices, q_rows, kv_cache, shapes: _Shapes, dtype, **attn):
+def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes, dtype, **attn):
     split = shapes.num_splits > 1
     out_type = [jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS,
                                       shapes.head_dim), dtype)]
     if split:
         out_type.append(jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS),
                                              jnp.float32))
-    kv_tile = (shapes.num_stages, shapes.block_kv, shapes.head_dim)
-    copies = 2 * max(1, shapes.block_kv // shapes.page_size)
-    scratch = [
-        plgpu.SMEM((ROWS, shapes.head_dim), dtype, transforms=_transforms(dtype, shapes.head_dim)),
-        plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, shapes.head_dim)),
-        plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, shapes.head_dim)),
-        plgpu.SMEM((ROWS, shapes.block_kv), dtype, transforms=_transforms(dtype, shapes.block_kv)),
-        plgpu.SMEM((ROWS,), jnp.float32) if split else None,
-        plgpu.Barrier(num_arrivals=1),
-        plgpu.Barrier(num_arrivals=copies, num_barriers=shapes.num_stages),
-    ]
-    body = functools.partial(_kernel, shapes=shapes, **attn)
+    body = functools.partial(_kernel, shapes=shapes, num_q=len(q_parts), **attn)
     with _interpret_off_gpu():
         results = plgpu.kernel(
-            body, out_type=tuple(out_type), scratch_types=scratch,
+            body, out_type=tuple(out_type), scratch_types=_scratch(shapes, dtype, split),
             grid=(shapes.num_kv_heads, shapes.num_tiles, shapes.num_splits),
             grid_names=("kv_heads", "tiles", "splits"), compiler_params=_COMPILER_PARAMS,
-        )(tiles, layer, page_indices, q_rows, kv_cache)
+        )(tiles, layer, page_indices, *q_parts, kv_cache)
     return results[0], (results[1] if split else None)
+
+
+def _scratch(shapes: _Shapes, dtype, split: bool) -> list:
+    """Query tile(s), K and V stages as the cache stores them, P, row LSEs, barriers, and for float32 one
+    bfloat16 buffer holding a half of K or V at a time."""
+    mma_dtype = jnp.bfloat16 if shapes.split_float32 else dtype
+    d, bk = shapes.head_dim, shapes.block_kv
+    kv_tile = (shapes.num_stages, bk, d)
+    num_q = 2 if shapes.split_float32 else 1
+    return [
+        [plgpu.SMEM((ROWS, d), mma_dtype, transforms=_transforms(mma_dtype, d)) for _ in range(num_q)],
+        plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
+        plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
+        plgpu.SMEM((ROWS, bk), mma_dtype, transforms=_transforms(mma_dtype, bk)),
+        plgpu.SMEM((bk, d), mma_dtype, transforms=_transforms(mma_dtype, d)) if shapes.split_float32 else None,
+        plgpu.SMEM((ROWS,), jnp.float32) if split else None,
+        plgpu.Barrier(num_arrivals=num_q),
+        plgpu.Barrier(num_arrivals=2 * max(1, bk // shapes.page_size), num_barriers=shapes.num_stages),
+    ]
 
 
 def _interpret_off_gpu():
@@ -238,11 +262,30 @@ def _transforms(dtype, minor: int) -> tuple:
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(tiles_ref, layer_ref, pages_ref, q_ref, kv_ref, *refs, shapes: _Shapes, sm_scale: float,
+@dataclasses.dataclass(frozen=True)
+class _Buffers:
+    """One block's shared memory (refs)."""
+
+    q: list  # [q] for 16-bit inputs; [q_hi, q_lo] for float32
+    k: object  # [stages, block_kv, D] as the cache stores it
+    v: object
+    p: object  # [64, block_kv] 16-bit probabilities
+    half: object | None  # float32 only: [block_kv, D] bfloat16, one half of K or V at a time
+    lse: object | None
+
+    @property
+    def out(self):
+        """The output tile: the query tile for 16-bit inputs, a float32 KV stage (all consumed by then)."""
+        return self.k.at[0] if self.half is not None else self.q[0]
+
+
+def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int, sm_scale: float,
             sliding_window: int | None, soft_cap: float | None):
+    q_refs, kv_ref, refs = refs[:num_q], refs[num_q], refs[num_q + 1:]
     split = shapes.num_splits > 1
     out_ref, lse_ref = (refs[0], refs[1]) if split else (refs[0], None)
-    q_smem, k_smem, v_smem, p_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
+    q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
+    buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem)
     head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
 
     @pl.when(tiles_ref[slot, 5] != 0)
@@ -259,17 +302,17 @@ def _kernel(tiles_ref, layer_ref, pages_ref, q_ref, kv_ref, *refs, shapes: _Shap
                                   layer_ref[0], seq, head, start)
         for j in range(shapes.num_stages):
             pl.when(j < steps)(functools.partial(fetch, j))
-        plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, ROWS)], q_smem, q_barrier)
+        for q_ref, smem in zip(q_refs, q_smem):
+            plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, ROWS)], smem, q_barrier)
         plgpu.barrier_wait(q_barrier)
-        acc, m_i, l_i = _attend_steps(q_smem, k_smem, v_smem, p_smem, kv_barriers, fetch, shapes, steps, start,
-                                      first_pos, sm_scale=sm_scale, sliding_window=sliding_window,
-                                      soft_cap=soft_cap)
+        acc, m_i, l_i = _attend_steps(buf, kv_barriers, fetch, shapes, steps, start, first_pos,
+                                      sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
         l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-        q_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(q_smem.dtype)  # the output
+        buf.out[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(buf.out.dtype)
         if split:
             lse_smem[...] = m_i + jnp.log2(l_safe)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[part, head, slot])
+        plgpu.copy_smem_to_gmem(buf.out, out_ref.at[part, head, slot])
         if split:
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[part, head, slot])
         plgpu.wait_smem_to_gmem(0)
@@ -294,7 +337,7 @@ def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, 
         plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head + 1], v_smem.at[stage, rows], barrier)
 
 
-def _attend_steps(q_smem, k_smem, v_smem, p_smem, barriers, fetch, shapes: _Shapes, steps, start, first_pos, *,
+def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, start, first_pos, *,
                   sm_scale: float, sliding_window: int | None, soft_cap: float | None):
     """The online-softmax loop over this block's KV steps; returns (acc, row max, row sum), log2 units."""
     wgmma = plgpu.Layout.WGMMA
@@ -306,12 +349,7 @@ def _attend_steps(q_smem, k_smem, v_smem, p_smem, barriers, fetch, shapes: _Shap
         acc, m_i, l_i = carry
         stage = lax.rem(j, shapes.num_stages)
         plgpu.barrier_wait(barriers.at[stage])
-
-        def scores(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.at[stage].transpose((1, 0)))
-            return acc_ref[...]
-
-        s = pl.run_scoped(scores, plgpu.ACC(block, jnp.float32))
+        s = pl.run_scoped(functools.partial(_scores, buf, stage), plgpu.ACC(block, jnp.float32))
         if soft_cap is None:
             s = s * (sm_scale * _LOG2E)
         else:
@@ -326,15 +364,7 @@ def _attend_steps(q_smem, k_smem, v_smem, p_smem, barriers, fetch, shapes: _Shap
         alpha = jnp.exp2(m_i - m_use)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_use, block, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
-
-        p_smem[...] = p.astype(p_smem.dtype)
-        plgpu.commit_smem()
-
-        def values(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_smem.at[stage])
-            return acc_ref[...]
-
-        pv = pl.run_scoped(values, plgpu.ACC(acc.shape, jnp.float32))
+        pv = pl.run_scoped(functools.partial(_values, buf, stage, p), plgpu.ACC(acc.shape, jnp.float32))
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
         pl.when(j + shapes.num_stages < steps)(lambda: fetch(j + shapes.num_stages))
         return acc, m_new, l_i
@@ -343,3 +373,47 @@ def _attend_steps(q_smem, k_smem, v_smem, p_smem, barriers, fetch, shapes: _Shap
             plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), wgmma.reduce(1)))
     return lax.fori_loop(0, steps, step, init)
+
+
+def _scores(buf: _Buffers, stage, acc_ref):
+    """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo."""
+    if buf.half is None:
+        plgpu.wgmma(acc_ref, buf.q[0], buf.k.at[stage].transpose((1, 0)))
+        return acc_ref[...]
+    q_hi, q_lo = buf.q
+    k_hi, k_lo = _split_halves(buf.k.at[stage][...])
+    key = buf.half.transpose((1, 0))
+    _stage_half(buf.half, k_hi)
+    plgpu.wgmma(acc_ref, q_hi, key)
+    plgpu.wgmma(acc_ref, q_lo, key)
+    plgpu.wgmma_wait(0)  # the tensor cores are done with k_hi
+    _stage_half(buf.half, k_lo)
+    plgpu.wgmma(acc_ref, q_hi, key)
+    return acc_ref[...]
+
+
+def _values(buf: _Buffers, stage, p, acc_ref):
+    """P.V of one KV step into `acc_ref`; float32 as p_hi.v_hi + p_lo.v_hi + p_hi.v_lo."""
+    if buf.half is None:
+        _stage_half(buf.p, p.astype(buf.p.dtype))
+        plgpu.wgmma(acc_ref, buf.p, buf.v.at[stage])
+        return acc_ref[...]
+    p_hi, p_lo = _split_halves(p)
+    v_hi, v_lo = _split_halves(buf.v.at[stage][...])
+    _stage_half(buf.half, v_hi)
+    _stage_half(buf.p, p_hi)
+    plgpu.wgmma(acc_ref, buf.p, buf.half)
+    plgpu.wgmma_wait(0)
+    _stage_half(buf.p, p_lo)
+    plgpu.wgmma(acc_ref, buf.p, buf.half)
+    plgpu.wgmma_wait(0)
+    _stage_half(buf.half, v_lo)
+    _stage_half(buf.p, p_hi)
+    plgpu.wgmma(acc_ref, buf.p, buf.half)
+    return acc_ref[...]
+
+
+def _stage_half(smem, value) -> None:
+    """Store registers where the tensor cores read next (the store is fenced for their async proxy)."""
+    smem[...] = value
+    plgpu.commit_smem()

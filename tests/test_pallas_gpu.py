@@ -1,5 +1,5 @@
 """The Mosaic GPU kernel, run by JAX's GPU interpreter on CPU, against the dense reference on random ragged
-batches (bfloat16: the kernel's tensor-core path reads 16-bit K/V); its contract errors; backend choice.
+batches, in bfloat16 and in float32 (computed as bfloat16 halves); its contract errors; backend choice.
 
 The interpreter checks the kernel's semantics (TMA copies, barriers, wgmma, the split merge); Mosaic's
 lowering and real timing are checked on an H100 by `benchmarks/attention.py`."""
@@ -22,10 +22,10 @@ CASES = [
 ]
 
 
-def run_kernel(q_lens, ctx, h, kvh, d, page, window, cap, splits):
+def run_kernel(q_lens, ctx, h, kvh, d, page, window, cap, splits, dtype=jnp.bfloat16):
     rng = np.random.default_rng(sum(ctx) + d + h)
     q, k, v, cache, md = random_batch(rng, q_lens, ctx, h, kvh, d, page, max_seqs=len(q_lens) + 1)
-    args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, cache)]
+    args = [jnp.asarray(x, dtype) for x in (q, k, v, cache)]
     out, new_cache = gpu.ragged_paged_attention(*args, md, 1, sm_scale=0.7 / np.sqrt(d), sliding_window=window,
                                                 soft_cap=cap, sizes=gpu.BlockSizes(num_splits=splits))
     expected = dense_attention(*(np.asarray(a, np.float32) for a in args), md, 1, 0.7 / np.sqrt(d), window, cap)
@@ -46,12 +46,19 @@ def test_tiles_start_on_whole_tma_tiles():
         assert shapes.tokens_per_tile * group <= gpu.ROWS and shapes.tokens_per_tile * group % 8 == 0
 
 
-def test_float32_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]])
+def test_float32_close_to_float32_reference(case):
+    out, expected, n = run_kernel(*case, dtype=jnp.float32)
+    np.testing.assert_allclose(out[:n], expected[:n], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out[n:], 0.0)
+
+
+def test_mixed_dtypes_are_refused_with_a_clear_error():
     rng = np.random.default_rng(0)
     q, k, v, cache, md = random_batch(rng, [1], [5], 4, 2, 64, 16)
-    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, cache)]
-    with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
-        gpu.ragged_paged_attention(*args, md, 0, sm_scale=0.1)
+    with pytest.raises(NotImplementedError, match="one dtype"):
+        gpu.attend(jnp.asarray(q, jnp.float16), jnp.asarray(cache, jnp.bfloat16), md, 0, sm_scale=0.1,
+                   sliding_window=None, soft_cap=None, sizes=gpu.BlockSizes())
 
 
 def test_backend_selection():
