@@ -103,8 +103,10 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
         raise NotImplementedError(f"pallas_gpu: at most {ROWS} query heads per KV head, got {group}")
     tokens_per_tile = _Shapes(num_kv_heads, group, head_dim, page_size, 1, 1, 1, 1, 1).tokens_per_tile
     num_tiles = min(num_tokens, -(-num_tokens // tokens_per_tile) + md.max_num_seqs)
-    num_splits = sizes.num_splits or max(1, min(16, -(-2 * _NUM_SMS // (num_kv_heads * md.max_num_seqs))))
     block_kv = sizes.block_kv
+    max_blocks = -(-md.pages_per_seq * page_size // block_kv)  # a split of its own for each KV block at most
+    num_splits = sizes.num_splits or max(1, min(16, max_blocks,
+                                                 -(-2 * _NUM_SMS // (num_kv_heads * md.max_num_seqs))))
     if block_kv % ROWS or page_size < block_kv and block_kv % page_size or page_size > block_kv and page_size % block_kv:
         raise ValueError(f"pallas_gpu: block_kv {block_kv} must be a multiple of {ROWS} and divide or be divided "
                          f"by the page size {page_size}")

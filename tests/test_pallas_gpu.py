@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from jaxllm import LLM, SamplingParams
 from pallas_kernels import gpu
 from tests.test_reference_attention import dense_attention, random_batch
+from tests.tiny_models import make_tiny
 
 CASES = [
     # q_lens, ctx, heads, kv_heads, head_dim, page, window, soft_cap, splits
@@ -64,3 +66,30 @@ def test_mixed_dtypes_are_refused_with_a_clear_error():
 def test_backend_selection():
     assert pallas_kernels.resolve_backend("pallas_gpu") == "pallas_gpu"
     assert pallas_kernels.resolve_backend("auto", jnp.bfloat16) == "reference"  # on CPU
+
+
+def test_engine_gives_the_reference_tokens(tmp_path):
+    """The interpreted kernel through the whole engine (float32, a sliding window, mixed prefill/decode):
+    the same greedy tokens, and the same log-probabilities of them and of the prompts."""
+    make_tiny("mistral", tmp_path / "model", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+              head_dim=64, vocab_size=160)
+    rng = np.random.default_rng(3)
+    prompts = [{"prompt_token_ids": rng.integers(3, 160, n).tolist()} for n in (2, 21, 40)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    results = {}
+    for backend in ("reference", "pallas_gpu"):
+        llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
+                  max_num_batched_tokens=32, num_gpu_blocks_override=32, attention_backend=backend,
+                  compilation_cache_dir=str(tmp_path / "xla"))
+        results[backend] = [(o.outputs[0].token_ids, _chosen_logprobs(o)) for o in
+                            llm.generate(prompts, params, use_tqdm=False)]
+    for (ref_tokens, ref_lp), (tokens, lp) in zip(results["reference"], results["pallas_gpu"]):
+        assert tokens == ref_tokens
+        np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)
+
+
+def _chosen_logprobs(output) -> list[float]:
+    """Log-probabilities of the prompt's tokens (after the first) and of the generated ones."""
+    prompt = [next(iter(p.values())).logprob for p in output.prompt_logprobs[1:]]
+    completion = output.outputs[0]
+    return prompt + [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
