@@ -14,7 +14,8 @@ from jaxllm.cli import build_parser
 from jaxllm.engine_config import EngineConfig
 from jaxllm.model_loader import load_model
 from jaxllm.parallel import layers_per_stage, make_mesh, padded_layers
-from jaxllm.pipeline import microbatch_metadata
+from jaxllm import pipeline
+from jaxllm.pipeline import microbatch_metadata, num_microbatches
 from pallas_kernels import AttentionMetadata, kv_cache_shape
 from pallas_kernels.reference import ragged_paged_attention
 from tests.paged import PagedRunner
@@ -23,6 +24,13 @@ from tests.tiny_models import TINY, make_tiny
 PROMPTS = {0: list(range(5, 30)), 1: [3, 4, 5, 6], 2: list(range(40, 52))}
 STEP_TOKENS = 48  # every step padded to one size: one compile per layout
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (pipeline, tensor)
+DEFAULT_MICROBATCH_ROWS = pipeline.MIN_MICROBATCH_ROWS
+
+
+@pytest.fixture(autouse=True)
+def small_microbatches(monkeypatch):
+    """CPU-sized steps split into one micro-batch per stage (the default keeps micro-batches of 1024+ rows)."""
+    monkeypatch.setattr(pipeline, "MIN_MICROBATCH_ROWS", 8)
 
 
 @pytest.fixture(scope="module", params=sorted(TINY))
@@ -32,9 +40,9 @@ def checkpoint(request, tmp_path_factory):
     return request.param, path
 
 
-def greedy(path, pipeline: int, tensor: int, steps: int = 5) -> tuple[dict, list]:
+def greedy(path, stages: int, tensor: int, steps: int = 5) -> tuple[dict, list]:
     """Prefill three prompts in one ragged step, then decode greedily; the tokens and each step's last logits."""
-    mesh = make_mesh(tensor_parallel_size=tensor, pipeline_parallel_size=pipeline)
+    mesh = make_mesh(tensor_parallel_size=tensor, pipeline_parallel_size=stages)
     runner = PagedRunner(load_model(str(path), mesh=mesh).model, page_size=8, mesh=mesh)
     feeds, tokens, logits = dict(PROMPTS), {seq: [] for seq in PROMPTS}, []
     for _ in range(steps):
@@ -46,17 +54,20 @@ def greedy(path, pipeline: int, tensor: int, steps: int = 5) -> tuple[dict, list
     return tokens, logits
 
 
-def test_layouts_give_the_single_device_greedy_tokens(checkpoint):
+def test_layouts_give_the_single_device_greedy_tokens(checkpoint, monkeypatch):
     name, path = checkpoint
     base_tokens, base_logits = greedy(path, 1, 1)
-    layouts = LAYOUTS + [(4, 1)] if name == "llama" else LAYOUTS  # 4 stages of 3 layers: one all identity
-    for pipeline, tensor in layouts:
-        tokens, logits = greedy(path, pipeline, tensor)
-        assert tokens == base_tokens, f"{name} pipeline={pipeline} tensor={tensor}"
+    layouts = [(p, t, 8) for p, t in LAYOUTS]  # 2 micro-batches of 24 rows
+    if name == "llama":  # 4 stages of 3 layers (one all identity) in 4 micro-batches; 2 stages, 1 micro-batch
+        layouts += [(4, 1, 8), (2, 1, DEFAULT_MICROBATCH_ROWS)]
+    for stages, tensor, rows in layouts:
+        monkeypatch.setattr(pipeline, "MIN_MICROBATCH_ROWS", rows)
+        tokens, logits = greedy(path, stages, tensor)
+        label = f"{name} pipeline={stages} tensor={tensor} microbatch rows>={rows}"
+        assert tokens == base_tokens, label
         for step, base in zip(logits, base_logits):
             for seq in base:
-                np.testing.assert_allclose(step[seq], base[seq], rtol=1e-5, atol=1e-5,
-                                           err_msg=f"{name} pipeline={pipeline} tensor={tensor}")
+                np.testing.assert_allclose(step[seq], base[seq], rtol=1e-5, atol=1e-5, err_msg=label)
 
 
 def test_stages_hold_only_their_layers(tmp_path):
@@ -98,16 +109,16 @@ def test_bfloat16_stages(tmp_path):
     outputs) and stays within bfloat16 rounding of one device."""
     make_tiny("qwen3", tmp_path)
     out = {}
-    for pipeline in (1, 2):
-        mesh = make_mesh(pipeline_parallel_size=pipeline)
+    for stages in (1, 2):
+        mesh = make_mesh(pipeline_parallel_size=stages)
         runner = PagedRunner(load_model(str(tmp_path), dtype="bfloat16", mesh=mesh).model, page_size=8, mesh=mesh)
-        out[pipeline] = runner.step(dict(PROMPTS), pad_tokens=4)
+        out[stages] = runner.step(dict(PROMPTS), pad_tokens=4)
     for seq in PROMPTS:
         np.testing.assert_allclose(out[2][seq], out[1][seq], rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("num_microbatches", [2, 3, 5])
-def test_microbatches_attend_as_the_whole_batch(num_microbatches):
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_microbatches_attend_as_the_whole_batch(count):
     """Sequences cut across micro-batches (chunked-prefill style) get the same attention and cache writes,
     micro-batch after micro-batch, as the whole ragged batch in one call; padding rows touch nothing."""
     rng = np.random.default_rng(0)
@@ -127,12 +138,12 @@ def test_microbatches_attend_as_the_whole_batch(num_microbatches):
     attend = jax.jit(lambda q, k, v, cache, md: ragged_paged_attention(q, k, v, cache, md, 1, sm_scale=0.3))
     whole, whole_cache = attend(q, k, v, cache, md)
 
-    rows = -(-num_tokens // num_microbatches)
-    pad = ((0, num_microbatches * rows - num_tokens), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(a, pad).reshape(num_microbatches, rows, *a.shape[1:]) for a in (q, k, v))
-    mds = microbatch_metadata(md, num_microbatches, rows)
+    rows = -(-num_tokens // count)
+    pad = ((0, count * rows - num_tokens), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad).reshape(count, rows, *a.shape[1:]) for a in (q, k, v))
+    mds = microbatch_metadata(md, count, rows)
     outs = []
-    for m in range(num_microbatches):
+    for m in range(count):
         out, cache = attend(q[m], k[m], v[m], cache, jax.tree.map(lambda a: a[m], mds))
         outs.append(out)
     np.testing.assert_allclose(np.concatenate(outs)[:cu[len(q_lens)]], whole[:cu[len(q_lens)]], rtol=1e-5,
@@ -165,3 +176,9 @@ def test_pipeline_parallel_size_flag_and_config():
         EngineConfig(pipeline_parallel_size=0)
     assert (padded_layers(30, 4), layers_per_stage(30, 4), padded_layers(3, 2), layers_per_stage(32, 1)) == (
         32, 8, 4, 32)
+
+
+def test_microbatch_counts(monkeypatch):
+    monkeypatch.setattr(pipeline, "MIN_MICROBATCH_ROWS", DEFAULT_MICROBATCH_ROWS)
+    counts = [num_microbatches(tokens, stages) for tokens, stages in [(256, 2), (2048, 2), (2048, 4), (8192, 4)]]
+    assert counts == [1, 2, 2, 4]
