@@ -108,8 +108,9 @@ def check(key: jax.Array) -> list[dict]:
                                         max_seqs=len(q_lens) + 2)
             kw = dict(sm_scale=d**-0.5, sliding_window=window, soft_cap=cap)
             out = attend_fn("pallas_gpu", sizes=gpu.BlockSizes(num_splits=splits), **kw)(q, cache, md)
-            with jax.default_matmul_precision("highest"):
-                ref = attend_fn("reference", **kw)(q.astype(jnp.float32), cache.astype(jnp.float32), md)
+            cpu = jax.devices("cpu")[0]  # float32 on the CPU: no TF32 anywhere in the reference
+            ref = attend_fn("reference", **kw)(*jax.device_put((q.astype(jnp.float32),
+                                                                cache.astype(jnp.float32), md), cpu))
             out, ref = np.asarray(out, np.float32), np.asarray(ref)
             row_err = np.linalg.norm(out - ref, axis=(1, 2)) / np.maximum(np.linalg.norm(ref, axis=(1, 2)), 1e-6)
             finite = bool(np.isfinite(out).all())
