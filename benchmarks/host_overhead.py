@@ -102,8 +102,9 @@ def decode_batch(llm: LLM, recorder: StepRecorder, batch: int, steps: int) -> di
     engine.abort_request([f"b{batch}-{i}" for i in range(batch)])
     step_ms = 1e3 * statistics.median(times)
     tokens_per_seq = statistics.median(tokens) / batch
-    return {"step_ms": step_ms, "prep_ms": 1e3 * statistics.median(preps), "device_ms": device_ms, "host_ms": step_ms - device_ms,
-            "tokens_per_seq_per_step": tokens_per_seq, "host_ms_per_token": (step_ms - device_ms) / tokens_per_seq}
+    return {"step_ms": step_ms, "prep_ms": 1e3 * statistics.median(preps), "device_ms": device_ms,
+            "host_ms": step_ms - device_ms, "tokens_per_seq_per_step": tokens_per_seq,
+            "host_ms_per_token": (step_ms - device_ms) / tokens_per_seq}
 
 
 def end_to_end_ms(llm: LLM, output_len: int = 128) -> float:
@@ -129,15 +130,16 @@ def main() -> None:
     make_tiny("llama", path, max_position_embeddings=2048)
     extra = {} if args.num_scheduler_steps is None else {"num_scheduler_steps": args.num_scheduler_steps}
     llm = LLM(str(path), max_model_len=2048, max_num_seqs=max(args.batches), max_num_batched_tokens=2048,
-              skip_tokenizer_init=True, num_gpu_blocks_override=24_000, compilation_cache_dir=tempfile.mkdtemp(), **extra)
+              skip_tokenizer_init=True, num_gpu_blocks_override=24_000, compilation_cache_dir=tempfile.mkdtemp(),
+              **extra)
     recorder = StepRecorder(llm.llm_engine.runner)
     print(f"tiny Llama (vocab {llm.llm_engine.model_config.vocab_size}), context {CONTEXT}, "
           f"max_model_len 2048, max_num_batched_tokens 2048, {jax.devices()[0].platform}")
     print("batch | step ms | prep ms | device ms (replayed) | host ms | tokens/seq/step | host ms per token")
     for batch in args.batches:
         r = decode_batch(llm, recorder, batch, args.steps)
-        print(f"{batch:5d} | {r['step_ms']:7.2f} | {r['prep_ms']:7.2f} | {r['device_ms']:20.2f} | {r['host_ms']:7.2f} | "
-              f"{r['tokens_per_seq_per_step']:15.1f} | {r['host_ms_per_token']:.2f}")
+        print(f"{batch:5d} | {r['step_ms']:7.2f} | {r['prep_ms']:7.2f} | {r['device_ms']:20.2f} | "
+              f"{r['host_ms']:7.2f} | {r['tokens_per_seq_per_step']:15.1f} | {r['host_ms_per_token']:.2f}")
     print(f"end to end, 1 request, {CONTEXT} prompt + 128 output tokens: {end_to_end_ms(llm):.2f} ms per token")
 
 

@@ -24,7 +24,7 @@ from jaxllm.output_processor import Completion, RequestGroup, position_logprobs
 from jaxllm.outputs import RequestOutput
 from jaxllm.parallel import layers_per_stage, make_mesh
 from jaxllm.request import Request
-from jaxllm.runner import MAX_BANNED, ModelRunner
+from jaxllm.runner import MAX_BANNED, ModelRunner, PromptLogprobs, StepOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler import ScheduledChunk, Scheduler
 from jaxllm.weights.sources import load_generation_config, load_tokenizer, resolve_source
@@ -60,7 +60,7 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_pages)
         self.runner.warmup()
         self.scheduler = Scheduler(BlockPool(num_pages, config.block_size), config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, config.num_scheduler_steps, config.max_model_len)
         self.groups: dict[str, RequestGroup] = {}
         self._completions: dict[int, Completion] = {}
         self._seeds = np.random.default_rng(config.seed)
@@ -208,35 +208,42 @@ class LLMEngine:
     # ----- stepping -----
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one model step, process its tokens; returns the outputs of requests that moved."""
+        """Schedule, run one model step (several decode steps for a multi-step batch), process its tokens;
+        returns the outputs of requests that moved."""
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
-        result, prompt = self.runner.execute(out)
+        result = self.runner.execute(out)
         moved: dict[str, RequestGroup] = {}
+        first_row = 0
         for row, chunk in enumerate(out.chunks):
             request = chunk.request
-            request.num_computed_tokens += chunk.num_tokens
-            if prompt is not None and request.params.prompt_logprobs is not None and request.index == 0:
-                self._record_prompt_logprobs(chunk, prompt, int(sum(c.num_tokens for c in out.chunks[:row])))
+            request.num_computed_tokens += chunk.num_tokens + chunk.num_steps - 1
+            if result.prompt is not None and request.params.prompt_logprobs is not None and request.index == 0:
+                self._record_prompt_logprobs(chunk, result.prompt, first_row)
+            first_row += chunk.num_tokens
             if chunk.completes:
-                group_id = self._append(request, result, row)
+                group_id = self._append(request, result, row, chunk.num_steps)
                 moved[group_id] = self.groups[group_id]
         return [output for group in moved.values() if (output := self._emit(group)) is not None]
 
-    def _append(self, request: Request, result, row: int) -> str:
-        """Give the request its sampled token; returns its group's id."""
+    def _append(self, request: Request, result: StepOutput, row: int, num_steps: int) -> str:
+        """Give the request its sampled tokens, one per step, up to a stop (later ones are dropped, as vLLM's
+        multi-step does); returns its group's id."""
         completion = self._completions[id(request)]
-        token = int(result.tokens[row])
-        top = None
-        if request.params.logprobs is not None:
-            top = position_logprobs(token, result.logprobs[row], result.ranks[row], result.top_ids[row],
-                                    result.top_logprobs[row], request.params.logprobs, self._decode_token)
-        if completion.append(token, float(result.logprobs[row]), top):
-            self.scheduler.finish(request, request.finish_reason, request.stop_reason)
+        for step in range(num_steps):
+            token = int(result.tokens[step, row])
+            top = None
+            if request.params.logprobs is not None:
+                top = position_logprobs(token, result.logprobs[step, row], result.ranks[step, row],
+                                        result.top_ids[step, row], result.top_logprobs[step, row],
+                                        request.params.logprobs, self._decode_token)
+            if completion.append(token, float(result.logprobs[step, row]), top):
+                self.scheduler.finish(request, request.finish_reason, request.stop_reason)
+                break
         return completion.group_id
 
-    def _record_prompt_logprobs(self, chunk: ScheduledChunk, prompt, first_row: int) -> None:
+    def _record_prompt_logprobs(self, chunk: ScheduledChunk, prompt: PromptLogprobs, first_row: int) -> None:
         request = chunk.request
         for k in range(chunk.num_tokens):
             target = chunk.start + k + 1  # the prompt token this row predicts

@@ -37,6 +37,7 @@ class Request:
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     pages: list[int] = dataclasses.field(default_factory=list)
+    slot: int | None = None  # the request's row in the runner's per-sequence state while it runs
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

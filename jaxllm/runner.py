@@ -4,13 +4,20 @@ The step (forward pass and sampling) is a single jitted function with the KV cac
 come from a fixed set of buckets (padded token count; the sequence count follows it), all compiled at
 start-up, so serving never compiles. Prompt logprobs need logits for every row; that variant is compiled
 the first time a request asks for them.
+
+Host cost per step is kept small the way vLLM's persistent batch does it: what belongs to a request for its
+whole run (sampling settings, seed, banned ids, page table) sits in per-slot host tables filled once, and
+the token statistics of the penalties stay on the device (`PenaltyState`), so a step gathers rows by slot
+into two reused flat staging buffers (int32 and float32) and transfers just those two. A decode-only batch
+can run `num_scheduler_steps` steps in one call: a loop inside the compiled step feeds each sampled token
+back as the next input, so the host pays once for several tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,26 +28,68 @@ from tqdm import tqdm
 from jaxllm.engine_config import EngineConfig
 from jaxllm.parallel import ShardingRules, kv_cache_sharding, padded_layers
 from jaxllm.request import Request
-from jaxllm.sampling import SampleResult, SamplingInputs, sample
+from jaxllm.sampling import PenaltyState, SamplingInputs, empty_penalty_state, record, reset_row, sample
 from jaxllm.scheduler import SchedulerOutput
-from pallas_kernels import AttentionMetadata, kv_cache_shape
+from pallas_kernels import AttentionMetadata, kv_cache_shape, token_layout
 
 logger = logging.getLogger(__name__)
 
 MAX_BANNED = 64  # token ids a row may ban at once (EOS and stop_token_ids under min_tokens)
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+_FLOAT_DEFAULTS = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # padding rows: greedy, no penalties
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where each int32 field of a step's inputs sits in the flat int32 staging buffer of a bucket (floats
+    are `FLOAT_FIELDS` rows of `[6, S]`). One layout serves the host views and the unpacking in the step."""
+
+    num_tokens: int
+    num_seqs: int
+    fields: tuple[tuple[str, tuple[int, ...], int], ...]  # name, shape, offset
+    size: int
+
+    @classmethod
+    def of(cls, num_tokens: int, num_seqs: int, pages_per_seq: int) -> "_Layout":
+        t, s = num_tokens, num_seqs
+        shapes = [("tokens", (t,)), ("next_tokens", (t,)), ("cu_q_lens", (s + 1,)), ("kv_lens", (s,)),
+                  ("logits_indices", (s,)), ("slots", (s,)), ("top_k", (s,)), ("seeds", (s,)), ("steps", (s,)),
+                  ("min_tokens", (s,)), ("step_limits", (s,)), ("keep", (s,)), ("num_seqs", (1,)),
+                  ("want_logprobs", (1,)), ("page_indices", (s, pages_per_seq)), ("banned", (s, MAX_BANNED))]
+        fields, offset = [], 0
+        for name, shape in shapes:
+            fields.append((name, shape, offset))
+            offset += math.prod(shape)
+        return cls(t, s, tuple(fields), offset)
+
+    def views(self, ints):
+        """`{name: array}` over `ints` (numpy views on the host; slices inside the step)."""
+        return {name: ints[at:at + math.prod(shape)].reshape(shape) for name, shape, at in self.fields}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepBatch:
-    """Everything one step needs, padded to a bucket."""
+    """Everything one step needs, padded to a bucket (unpacked on the device from the staging buffers)."""
 
     tokens: jax.Array  # [T]
-    positions: jax.Array  # [T]
     md: AttentionMetadata
     logits_indices: jax.Array  # [S] the row whose logits each sequence samples from
     next_tokens: jax.Array  # [T] the token following each row (prompt logprobs), -1 if none
+    keep: jax.Array  # [S] bool, the sample is the sequence's next token (its chunk completes)
+    step_limits: jax.Array  # [S] decode steps each sequence takes in a multi-step call
     sampling: SamplingInputs
+
+    @classmethod
+    def unpack(cls, layout: _Layout, ints: jax.Array, floats: jax.Array) -> "StepBatch":
+        v = layout.views(ints)
+        f = dict(zip(FLOAT_FIELDS, floats))
+        sampling = SamplingInputs(
+            f["temperature"], f["top_p"], v["top_k"], f["min_p"], f["presence_penalty"], f["frequency_penalty"],
+            f["repetition_penalty"], jax.lax.bitcast_convert_type(v["seeds"], jnp.uint32), v["steps"], v["slots"],
+            v["min_tokens"], v["banned"], v["want_logprobs"][0] > 0)
+        md = AttentionMetadata(v["cu_q_lens"], v["kv_lens"], v["page_indices"], v["num_seqs"])
+        return cls(v["tokens"], md, v["logits_indices"], v["next_tokens"], v["keep"] > 0, v["step_limits"], sampling)
 
 
 @jax.tree_util.register_dataclass
@@ -52,6 +101,19 @@ class PromptLogprobs:
     top_logprobs: jax.Array  # [T, N]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """A step's results on the host: `[K, S]` for K decode steps (1 unless multi-step) of S rows. Ranks and
+    top logprobs are fetched only when a request of the step asked for logprobs."""
+
+    tokens: np.ndarray  # [K, S]
+    logprobs: np.ndarray  # [K, S]
+    ranks: np.ndarray | None  # [K, S]
+    top_ids: np.ndarray | None  # [K, S, N]
+    top_logprobs: np.ndarray | None  # [K, S, N]
+    prompt: PromptLogprobs | None  # numpy leaves, when the step computed prompt logprobs
+
+
 def _logprobs_of(logits: jax.Array, targets: jax.Array, num: int):
     raw = jax.nn.log_softmax(logits, axis=-1)
     target_lp = jnp.take_along_axis(raw, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
@@ -60,8 +122,12 @@ def _logprobs_of(logits: jax.Array, targets: jax.Array, num: int):
     return target_lp, ranks, top_ids.astype(jnp.int32), top_lp
 
 
+def _positions(md: AttentionMetadata, num_tokens: int) -> jax.Array:
+    return token_layout(md, num_tokens)[1]
+
+
 class ModelRunner:
-    """Holds the parameters and the KV cache on the device and runs steps."""
+    """Holds the parameters, the KV cache and the penalty state on the device and runs steps."""
 
     def __init__(self, config: EngineConfig, model: nnx.Module, mesh: jax.sharding.Mesh,
                  rules: ShardingRules = ShardingRules()):
@@ -71,11 +137,20 @@ class ModelRunner:
         self.max_model_len = config.max_model_len
         self.pages_per_seq = -(-config.max_model_len // config.block_size)
         self.num_logprobs = max(config.max_logprobs, 1)
+        self.num_scheduler_steps = config.num_scheduler_steps
         self.mesh, self.rules = mesh, rules
         self.kv_cache: jax.Array | None = None
         self.cache_sharding = self._cache_sharding(1)
-        self._step = jax.jit(self._forward, donate_argnums=(1,), static_argnames=("with_prompt_logprobs",),
-                             out_shardings=(None, None, self.cache_sharding))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rows, vocab = config.max_num_seqs, self.model_config.vocab_size
+        self.penalties: PenaltyState = jax.jit(lambda: empty_penalty_state(rows, vocab), out_shardings=replicated)()
+        self._reset_row = jax.jit(reset_row, donate_argnums=(0,), out_shardings=replicated)
+        self.slots = _SlotTable.empty(rows, self.pages_per_seq)
+        self._layouts = {b: _Layout.of(b, config.seq_bucket(b), self.pages_per_seq) for b in config.token_buckets()}
+        self._staging = {b: _Staging.empty(layout, rows) for b, layout in self._layouts.items()}
+        self._step = jax.jit(self._forward, donate_argnums=(1, 2),
+                             static_argnames=("bucket", "num_steps", "with_prompt_logprobs"),
+                             out_shardings=(None, None, self.cache_sharding, replicated))
 
     def _cache_shape(self, num_pages: int) -> tuple:
         cfg = self.model_config
@@ -95,124 +170,216 @@ class ModelRunner:
         bucket = self.config.token_buckets()[-1]
         probe = jax.ShapeDtypeStruct(self._cache_shape(self.pages_per_seq), self.model_config.jnp_dtype,
                                      sharding=self.cache_sharding)
-        compiled = self._step.lower(self.params, probe, self._empty_batch(bucket),
-                                    with_prompt_logprobs=False).compile()
+        staging = self._staging[bucket]
+        compiled = self._step.lower(self.params, probe, self.penalties, staging.ints, staging.floats, bucket=bucket,
+                                    num_steps=1, with_prompt_logprobs=False).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
-    def _forward(self, params, kv_cache, batch: StepBatch, with_prompt_logprobs: bool):
+    def _forward(self, params, kv_cache, penalties: PenaltyState, ints, floats, bucket: int, num_steps: int,
+                 with_prompt_logprobs: bool):
         model = nnx.merge(self.graphdef, params)
-        hidden, kv_cache = model(batch.tokens, batch.positions, kv_cache, batch.md)
-        result = sample(model.compute_logits(hidden[batch.logits_indices]), batch.sampling, self.num_logprobs)
+        batch = StepBatch.unpack(self._layouts[bucket], ints, floats)
+        if num_steps > 1:
+            return self._decode_loop(model, kv_cache, penalties, batch, num_steps)
+        hidden, kv_cache = model(batch.tokens, _positions(batch.md, bucket), kv_cache, batch.md)
+        result = sample(model.compute_logits(hidden[batch.logits_indices]), batch.sampling, penalties,
+                        self.num_logprobs)
+        penalties = record(penalties, batch.sampling.slots, result.tokens, batch.keep)
         prompt = None
         if with_prompt_logprobs:
             prompt = PromptLogprobs(*_logprobs_of(model.compute_logits(hidden), batch.next_tokens,
                                                   self.num_logprobs))
-        return result, prompt, kv_cache
+        return jax.tree.map(lambda x: x[None], result), prompt, kv_cache, penalties
+
+    def _decode_loop(self, model, kv_cache, penalties: PenaltyState, batch: StepBatch, num_steps: int):
+        """`num_steps` decode steps of one-token rows, each step's samples fed back as the next inputs. Step
+        `i` runs the rows with `i < step_limits` (the others take no query token, as padding rows do); the
+        scheduler reserved their pages. Results are `[num_steps, S]`."""
+        num_tokens, num_seqs = batch.tokens.shape[0], batch.logits_indices.shape[0]
+
+        def one_step(i, carry):
+            kv_cache, penalties, inputs, results = carry
+            active = i < batch.step_limits
+            cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(active.astype(jnp.int32))])
+            tokens = jnp.zeros(num_tokens, jnp.int32).at[jnp.where(active, cu_q_lens[:-1], num_tokens)].set(
+                inputs, mode="drop")
+            md = AttentionMetadata(cu_q_lens, jnp.where(active, batch.md.kv_lens + i, 0), batch.md.page_indices,
+                                   batch.md.num_seqs)
+            hidden, kv_cache = model(tokens, _positions(md, num_tokens), kv_cache, md)
+            sampling = dataclasses.replace(batch.sampling, steps=batch.sampling.steps + i)
+            result = sample(model.compute_logits(hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]), sampling, penalties,
+                            self.num_logprobs)
+            penalties = record(penalties, sampling.slots, result.tokens, batch.keep & active)
+            results = jax.tree.map(lambda acc, x: acc.at[i].set(x), results, result)
+            return kv_cache, penalties, result.tokens, results
+
+        shapes = jax.eval_shape(lambda: sample(jnp.zeros((num_seqs, self.model_config.vocab_size)), batch.sampling,
+                                               penalties, self.num_logprobs))
+        results = jax.tree.map(lambda s: jnp.zeros((num_steps,) + s.shape, s.dtype), shapes)
+        carry = (kv_cache, penalties, batch.tokens[batch.logits_indices], results)
+        kv_cache, penalties, _, results = jax.lax.fori_loop(0, num_steps, one_step, carry)
+        return results, None, kv_cache, penalties
 
     def warmup(self) -> None:
-        """Compile every bucket now (with a progress bar) so that serving never waits on the compiler."""
-        buckets = self.config.token_buckets()
-        for bucket in tqdm(buckets, desc="compiling step buckets", unit="bucket"):
-            batch = self._empty_batch(bucket)
-            result, _, self.kv_cache = self._step(self.params, self.kv_cache, batch, with_prompt_logprobs=False)
+        """Compile every bucket now (with a progress bar) so that serving never waits on the compiler: the
+        single step of each bucket, the multi-step decode of each bucket a decode batch can take, and the
+        penalty-row reset."""
+        variants = [(b, 1) for b in self.config.token_buckets()]
+        if self.num_scheduler_steps > 1:
+            variants += [(b, self.num_scheduler_steps) for b in self._decode_buckets()]
+        for bucket, num_steps in tqdm(variants, desc="compiling step buckets", unit="bucket"):
+            staging = self._staging[bucket]
+            result, _, self.kv_cache, self.penalties = self._step(
+                self.params, self.kv_cache, self.penalties, staging.ints, staging.floats, bucket=bucket,
+                num_steps=num_steps, with_prompt_logprobs=False)
             jax.block_until_ready(result.tokens)
+        self.penalties = self._reset_row(self.penalties, np.int32(0), np.full(self.max_model_len, -1, np.int32),
+                                         np.int32(0))
 
-    def execute(self, out: SchedulerOutput) -> tuple[SampleResult, PromptLogprobs | None]:
-        """Run one step; results come back to the host as numpy arrays."""
+    def _decode_buckets(self) -> list[int]:
+        """The token buckets of decode-only batches (one token per sequence, at most max_num_seqs)."""
+        buckets = self.config.token_buckets()
+        return buckets[:buckets.index(self._bucket(min(self.config.max_num_seqs, buckets[-1]))) + 1]
+
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        """Run one step (several decode steps when the scheduler extended its chunks); results come back to
+        the host as numpy arrays, only those the step's requests need."""
         want_prompt = any(c.request.params.prompt_logprobs is not None
                           and c.start < c.request.num_prompt_tokens for c in out.chunks)
-        batch = self._pack(out)
-        result, prompt, self.kv_cache = self._step(self.params, self.kv_cache, batch,
-                                                   with_prompt_logprobs=want_prompt)
-        return jax.device_get((result, prompt))
+        num_steps = self.num_scheduler_steps if any(c.num_steps > 1 for c in out.chunks) else 1
+        bucket = self._bucket(out.num_tokens)
+        staging = self._staging[bucket]
+        want_logprobs = self._pack(out, staging, want_prompt)
+        result, prompt, self.kv_cache, self.penalties = self._step(
+            self.params, self.kv_cache, self.penalties, jax.device_put(staging.ints),
+            jax.device_put(staging.floats), bucket=bucket, num_steps=num_steps, with_prompt_logprobs=want_prompt)
+        top = (result.ranks, result.top_ids, result.top_logprobs) if want_logprobs else (None, None, None)
+        tokens, logprobs, top, prompt = jax.device_get((result.tokens, result.logprobs, top, prompt))
+        return StepOutput(tokens, logprobs, *top, prompt)
 
     def _bucket(self, num_tokens: int) -> int:
         return next(b for b in self.config.token_buckets() if b >= num_tokens)
 
-    def _empty_batch(self, bucket: int) -> StepBatch:
-        num_seqs = self.config.seq_bucket(bucket)
-        return self._arrays(bucket, num_seqs).to_batch()
+    def _pack(self, out: SchedulerOutput, staging: "_Staging", want_prompt: bool) -> bool:
+        """Fill `staging` for `out`; returns whether a request of the step wants logprobs."""
+        for chunk in out.chunks:
+            if chunk.new:
+                self._take_slot(chunk.request)
+            self.slots.sync_pages(chunk.request)
+        return staging.fill(out, self.slots, want_prompt)
 
-    def _arrays(self, bucket: int, num_seqs: int) -> "_HostBatch":
-        return _HostBatch.empty(bucket, num_seqs, self.pages_per_seq, self.max_model_len)
-
-    def _pack(self, out: SchedulerOutput) -> StepBatch:
-        bucket = self._bucket(out.num_tokens)
-        host = self._arrays(bucket, self.config.seq_bucket(bucket))
-        for row, chunk in enumerate(out.chunks):
-            host.add(row, chunk.request, chunk.start, chunk.num_tokens)
-        return host.to_batch()
+    def _take_slot(self, request: Request) -> None:
+        """Fill the request's slot rows; a request with penalties also gets its device statistics reset."""
+        if self.slots.assign(request):
+            tokens = np.full(self.max_model_len, -1, np.int32)
+            tokens[:len(request.token_ids)] = request.token_ids
+            self.penalties = self._reset_row(self.penalties, np.int32(request.slot), tokens,
+                                             np.int32(request.num_prompt_tokens))
 
 
 @dataclasses.dataclass
-class _HostBatch:
-    """Numpy staging arrays for one step (padding rows: greedy, no penalties, no tokens)."""
+class _SlotTable:
+    """Host rows per scheduler slot, written when a request takes the slot and gathered by slot each step."""
 
-    tokens: np.ndarray
-    positions: np.ndarray
-    next_tokens: np.ndarray
-    cu_q_lens: np.ndarray
-    kv_lens: np.ndarray
-    page_indices: np.ndarray
-    logits_indices: np.ndarray
-    temperature: np.ndarray
-    top_p: np.ndarray
-    top_k: np.ndarray
-    min_p: np.ndarray
-    presence: np.ndarray
-    frequency: np.ndarray
-    repetition: np.ndarray
-    seeds: np.ndarray
-    steps: np.ndarray
-    history: np.ndarray
-    prompt_lens: np.ndarray
-    banned: np.ndarray
-    num_seqs: int = 0
+    floats: np.ndarray  # [6, R] FLOAT_FIELDS
+    top_k: np.ndarray  # [R]
+    seeds: np.ndarray  # [R] the uint32 seed's bits as int32
+    min_tokens: np.ndarray  # [R]
+    want_logprobs: np.ndarray  # [R] bool
+    banned: np.ndarray  # [R, MAX_BANNED]
+    pages: np.ndarray  # [R, pages_per_seq] page table
+    num_pages: np.ndarray  # [R] pages of the row already in `pages`
 
     @classmethod
-    def empty(cls, bucket: int, num_seqs: int, pages_per_seq: int, max_model_len: int) -> "_HostBatch":
-        f32 = functools.partial(np.zeros, num_seqs, np.float32)
-        return cls(
-            tokens=np.zeros(bucket, np.int32), positions=np.zeros(bucket, np.int32),
-            next_tokens=np.full(bucket, -1, np.int32), cu_q_lens=np.zeros(num_seqs + 1, np.int32),
-            kv_lens=np.zeros(num_seqs, np.int32), page_indices=np.zeros((num_seqs, pages_per_seq), np.int32),
-            logits_indices=np.zeros(num_seqs, np.int32), temperature=f32(), top_p=np.ones(num_seqs, np.float32),
-            top_k=np.zeros(num_seqs, np.int32), min_p=f32(), presence=f32(), frequency=f32(),
-            repetition=np.ones(num_seqs, np.float32), seeds=np.zeros(num_seqs, np.uint32),
-            steps=np.zeros(num_seqs, np.int32), history=np.full((num_seqs, max_model_len), -1, np.int32),
-            prompt_lens=np.zeros(num_seqs, np.int32), banned=np.full((num_seqs, MAX_BANNED), -1, np.int32))
+    def empty(cls, rows: int, pages_per_seq: int) -> "_SlotTable":
+        zeros = np.zeros(rows, np.int32)
+        return cls(np.repeat(_FLOAT_DEFAULTS[:, None], rows, axis=1), zeros.copy(), zeros.copy(), zeros.copy(),
+                   np.zeros(rows, bool), np.full((rows, MAX_BANNED), -1, np.int32),
+                   np.zeros((rows, pages_per_seq), np.int32), zeros.copy())
 
-    def add(self, row: int, request: Request, start: int, num_tokens: int) -> None:
-        first, end = self.cu_q_lens[row], self.cu_q_lens[row] + num_tokens
-        self.cu_q_lens[row + 1:] = end
-        self.tokens[first:end] = request.token_ids[start:start + num_tokens]
-        self.positions[first:end] = np.arange(start, start + num_tokens)
-        following = request.token_ids[start + 1:start + num_tokens + 1]
-        self.next_tokens[first:first + len(following)] = following
-        self.kv_lens[row] = start + num_tokens
-        self.page_indices[row, :len(request.pages)] = request.pages
-        self.logits_indices[row] = end - 1
-        self.num_seqs = row + 1
-        self._add_sampling(row, request)
+    def assign(self, request: Request) -> bool:
+        """Write `request`'s rows into its slot; returns whether it uses penalties."""
+        slot, p = request.slot, request.params
+        self.floats[:, slot] = (p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                                p.repetition_penalty)
+        self.top_k[slot], self.min_tokens[slot] = p.top_k, p.min_tokens
+        self.seeds[slot] = np.uint32(request.seed).view(np.int32)
+        self.want_logprobs[slot] = p.logprobs is not None
+        self.banned[slot] = -1
+        self.banned[slot, :len(request.min_tokens_banned)] = request.min_tokens_banned
+        self.num_pages[slot] = 0
+        return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
-    def _add_sampling(self, row: int, request: Request) -> None:
-        p = request.params
-        self.temperature[row], self.top_p[row], self.top_k[row], self.min_p[row] = (
-            p.temperature, p.top_p, p.top_k, p.min_p)
-        self.presence[row], self.frequency[row] = p.presence_penalty, p.frequency_penalty
-        self.repetition[row] = p.repetition_penalty
-        self.seeds[row], self.steps[row] = request.seed, request.num_output_tokens
-        self.prompt_lens[row] = request.num_prompt_tokens
-        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
-            self.history[row, :len(request.token_ids)] = request.token_ids
-        if request.num_output_tokens < p.min_tokens:
-            self.banned[row, :len(request.min_tokens_banned)] = request.min_tokens_banned
+    def sync_pages(self, request: Request) -> None:
+        """Copy the pages the request got since the last step (a running request's pages only grow)."""
+        slot, have = request.slot, self.num_pages[request.slot]
+        if len(request.pages) > have:
+            self.pages[slot, have:len(request.pages)] = request.pages[have:]
+            self.num_pages[slot] = len(request.pages)
 
-    def to_batch(self) -> StepBatch:
-        md = AttentionMetadata(self.cu_q_lens, self.kv_lens, self.page_indices,
-                               np.asarray([self.num_seqs], np.int32))
-        sampling = SamplingInputs(self.temperature, self.top_p, self.top_k, self.min_p, self.presence,
-                                  self.frequency, self.repetition, self.seeds, self.steps, self.history,
-                                  self.prompt_lens, self.banned)
-        return jax.device_put(StepBatch(self.tokens, self.positions, md, self.logits_indices, self.next_tokens,
-                                        sampling))
+
+@dataclasses.dataclass
+class _Staging:
+    """The reused host buffers of one bucket: flat int32 (see `_Layout`) and `[6, S]` float32."""
+
+    layout: _Layout
+    ints: np.ndarray
+    floats: np.ndarray
+    views: dict[str, np.ndarray]
+    padding_slot: int  # a slot past the table: padding rows' samples are not recorded
+
+    @classmethod
+    def empty(cls, layout: _Layout, num_slots: int) -> "_Staging":
+        ints = np.zeros(layout.size, np.int32)
+        floats = np.repeat(_FLOAT_DEFAULTS[:, None], layout.num_seqs, axis=1)
+        staging = cls(layout, ints, floats, layout.views(ints), num_slots)
+        staging.views["next_tokens"][:] = -1
+        staging.views["banned"][:] = -1
+        staging.views["slots"][:] = num_slots
+        return staging
+
+    def fill(self, out: SchedulerOutput, table: _SlotTable, want_prompt: bool) -> bool:
+        """Write the step's rows (padding rows reset to their defaults); returns whether any wants logprobs."""
+        v, chunks, n = self.views, out.chunks, len(out.chunks)
+        slots = np.fromiter((c.request.slot for c in chunks), np.int32, n)
+        starts = np.fromiter((c.start for c in chunks), np.int32, n)
+        ends = starts + np.fromiter((c.num_tokens for c in chunks), np.int32, n)
+        cu = np.cumsum(ends - starts, dtype=np.int32)
+        num_tokens = int(cu[-1])
+        self._fill_tokens(chunks, num_tokens, want_prompt)
+        v["cu_q_lens"][1:n + 1], v["cu_q_lens"][n + 1:] = cu, num_tokens
+        self._rows("kv_lens", ends, 0)
+        self._rows("logits_indices", cu - 1, 0)
+        self._rows("slots", slots, self.padding_slot)
+        for name in ("top_k", "seeds", "min_tokens"):
+            self._rows(name, getattr(table, name)[slots], 0)
+        self._rows("steps", np.fromiter((c.request.num_output_tokens for c in chunks), np.int32, n), 0)
+        self._rows("step_limits", np.fromiter((c.num_steps for c in chunks), np.int32, n), 0)
+        self._rows("keep", np.fromiter((c.completes for c in chunks), np.int32, n), 0)
+        v["page_indices"][:n] = table.pages[slots]
+        v["banned"][:n] = table.banned[slots]
+        v["num_seqs"][0] = n
+        want_logprobs = bool(table.want_logprobs[slots].any())
+        v["want_logprobs"][0] = want_logprobs
+        self.floats[:, :n] = table.floats[:, slots]
+        self.floats[:, n:] = _FLOAT_DEFAULTS[:, None]
+        return want_logprobs
+
+    def _rows(self, name: str, values: np.ndarray, padding: int) -> None:
+        view = self.views[name]
+        view[:len(values)], view[len(values):] = values, padding
+
+    def _fill_tokens(self, chunks, num_tokens: int, want_prompt: bool) -> None:
+        v = self.views
+        if num_tokens == len(chunks):  # one token each: decodes
+            tokens = np.fromiter((c.request.token_ids[c.start] for c in chunks), np.int32, num_tokens)
+        else:
+            tokens = np.concatenate([c.request.token_ids[c.start:c.start + c.num_tokens] for c in chunks])
+        v["tokens"][:num_tokens], v["tokens"][num_tokens:] = tokens, 0
+        if want_prompt:
+            v["next_tokens"][:] = -1
+            first = 0
+            for c in chunks:
+                following = c.request.token_ids[c.start + 1:c.start + c.num_tokens + 1]
+                v["next_tokens"][first:first + len(following)] = following
+                first += c.num_tokens

@@ -9,6 +9,7 @@ then top-k, then top-p, and drawn by the Gumbel-max trick. Logprobs are those of
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,10 @@ class SamplingInputs:
     repetition_penalty: jax.Array  # [S] f32
     seeds: jax.Array  # [S] u32
     steps: jax.Array  # [S] i32, index of the token being sampled among the outputs
-    history: jax.Array  # [S, H] i32, prompt then output tokens, -1 padded
-    prompt_lens: jax.Array  # [S] i32
-    banned: jax.Array  # [S, B] i32, token ids that may not be sampled now (min_tokens), -1 padded
+    slots: jax.Array  # [S] i32, the row of `PenaltyState` that holds the sequence's token statistics
+    min_tokens: jax.Array  # [S] i32, `banned` applies while `steps < min_tokens`
+    banned: jax.Array  # [S, B] i32, token ids that may not be sampled before min_tokens (EOS, stops), -1 padded
+    want_logprobs: jax.Array  # [] bool, whether any row reports ranks and top logprobs
 
 
 @jax.tree_util.register_dataclass
@@ -42,26 +44,58 @@ class SamplingInputs:
 class SampleResult:
     tokens: jax.Array  # [S] i32
     logprobs: jax.Array  # [S] f32, raw logprob of the sampled token
-    ranks: jax.Array  # [S] i32, 1 + number of tokens more likely
+    ranks: jax.Array  # [S] i32, 1 + number of tokens more likely (0 unless want_logprobs)
     top_ids: jax.Array  # [S, N] i32
     top_logprobs: jax.Array  # [S, N] f32
 
 
-def apply_penalties(logits: jax.Array, inp: SamplingInputs) -> jax.Array:
-    """Repetition (prompt and output), frequency and presence (output) penalties, and the min_tokens ban."""
-    num_rows, vocab = logits.shape
-    history = inp.history
-    positions = jnp.arange(history.shape[1])[None, :]
-    slot = jnp.where(history >= 0, history, vocab)  # padding counts into a spare column
-    is_output = (positions >= inp.prompt_lens[:, None]).astype(jnp.int32)
-    rows = jnp.arange(num_rows)[:, None]
-    counts = jnp.zeros((num_rows, vocab + 1), jnp.int32).at[rows, slot].add(is_output)[:, :vocab]
-    seen = jnp.zeros((num_rows, vocab + 1), jnp.bool_).at[rows, slot].set(True)[:, :vocab]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PenaltyState:
+    """Token statistics of each running sequence, kept on the device across steps (vLLM's persistent batch
+    rows): a row per scheduler slot, so the host never sends a token history. A row is set from the
+    sequence's tokens when it takes the slot (`reset_row`) and then grows by the tokens it samples (`record`).
+    """
+
+    output_counts: jax.Array  # [R, V] i32, times each token was sampled (frequency and presence penalties)
+    prompt_mask: jax.Array  # [R, V] bool, tokens of the prompt (repetition penalty, with the outputs)
+
+
+def empty_penalty_state(num_rows: int, vocab: int) -> PenaltyState:
+    return PenaltyState(jnp.zeros((num_rows, vocab), jnp.int32), jnp.zeros((num_rows, vocab), jnp.bool_))
+
+
+def reset_row(state: PenaltyState, slot: jax.Array, tokens: jax.Array, prompt_len: jax.Array) -> PenaltyState:
+    """Row `slot` := the statistics of `tokens [L]` (prompt then outputs, -1 padded)."""
+    vocab = state.output_counts.shape[1]
+    ids = jnp.where(tokens >= 0, tokens, vocab)  # padding counts into a spare column
+    is_output = (jnp.arange(tokens.shape[0]) >= prompt_len).astype(jnp.int32)
+    counts = jnp.zeros(vocab + 1, jnp.int32).at[ids].add(is_output)[:vocab]
+    prompt = jnp.zeros(vocab + 1, jnp.bool_).at[jnp.where(is_output == 0, ids, vocab)].set(True)[:vocab]
+    return PenaltyState(state.output_counts.at[slot].set(counts), state.prompt_mask.at[slot].set(prompt))
+
+
+def record(state: PenaltyState, slots: jax.Array, tokens: jax.Array, keep: jax.Array) -> PenaltyState:
+    """Count `tokens [S]` as sampled by the sequences in `slots` where `keep` (others are dropped)."""
+    rows = jnp.where(keep, slots, state.output_counts.shape[0])
+    return dataclasses.replace(state, output_counts=state.output_counts.at[rows, tokens].add(1, mode="drop"))
+
+
+def apply_penalties(logits: jax.Array, inp: SamplingInputs, state: PenaltyState) -> jax.Array:
+    """Repetition (prompt and output) penalty, frequency and presence (output) penalties."""
+    counts = jnp.take(state.output_counts, inp.slots, axis=0, mode="clip")
+    seen = jnp.take(state.prompt_mask, inp.slots, axis=0, mode="clip") | (counts > 0)
     rep = inp.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - inp.frequency_penalty[:, None] * counts
-    logits = logits - inp.presence_penalty[:, None] * (counts > 0)
-    banned = jnp.where(inp.banned >= 0, inp.banned, vocab)
+    return logits - inp.presence_penalty[:, None] * (counts > 0)
+
+
+def ban_tokens(logits: jax.Array, inp: SamplingInputs) -> jax.Array:
+    """The min_tokens ban: the `banned` ids of rows that have sampled fewer than `min_tokens` tokens."""
+    num_rows, vocab = logits.shape
+    banned = jnp.where((inp.banned >= 0) & (inp.steps < inp.min_tokens)[:, None], inp.banned, vocab)
+    rows = jnp.arange(num_rows)[:, None]
     is_banned = jnp.zeros((num_rows, vocab + 1), jnp.bool_).at[rows, banned].set(True)[:, :vocab]
     return jnp.where(is_banned, _NEG_INF, logits)
 
@@ -86,10 +120,27 @@ def _needs_filter(inp: SamplingInputs) -> jax.Array:
     return jnp.any((inp.top_k > 0) | (inp.top_p < 1.0) | (inp.min_p > 0.0))
 
 
-def sample(logits: jax.Array, inp: SamplingInputs, num_logprobs: int) -> SampleResult:
-    """Draw one token per row from `logits [S, V]` (float32)."""
+def _needs_penalties(inp: SamplingInputs) -> jax.Array:
+    return jnp.any((inp.presence_penalty != 0.0) | (inp.frequency_penalty != 0.0) | (inp.repetition_penalty != 1.0))
+
+
+def _ranks_and_top(raw: jax.Array, token_logprobs: jax.Array, num: int):
+    ranks = 1 + jnp.sum(raw > token_logprobs[:, None], axis=-1).astype(jnp.int32)
+    top_logprobs, top_ids = jax.lax.top_k(raw, num)
+    return ranks, top_ids.astype(jnp.int32), top_logprobs
+
+
+def _no_ranks(raw: jax.Array, token_logprobs: jax.Array, num: int):
+    rows = raw.shape[0]
+    return jnp.zeros(rows, jnp.int32), jnp.zeros((rows, num), jnp.int32), jnp.zeros((rows, num), raw.dtype)
+
+
+def sample(logits: jax.Array, inp: SamplingInputs, state: PenaltyState, num_logprobs: int) -> SampleResult:
+    """Draw one token per row from `logits [S, V]` (float32). Penalties, filters and ranks are computed
+    only when some row of the batch needs them."""
     raw = jax.nn.log_softmax(logits, axis=-1)
-    logits = apply_penalties(logits, inp)
+    logits = jax.lax.cond(_needs_penalties(inp), apply_penalties, lambda x, *_: x, logits, inp, state)
+    logits = ban_tokens(logits, inp)
     greedy = inp.temperature < GREEDY_EPS
     scaled = logits / jnp.where(greedy, 1.0, inp.temperature)[:, None]
     scaled = jax.lax.cond(_needs_filter(inp), filter_logits, lambda s, _: s, scaled, inp)
@@ -98,6 +149,7 @@ def sample(logits: jax.Array, inp: SamplingInputs, num_logprobs: int) -> SampleR
     drawn = jnp.argmax(scaled + gumbel, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
-    ranks = 1 + jnp.sum(raw > token_logprobs[:, None], axis=-1).astype(jnp.int32)
-    top_logprobs, top_ids = jax.lax.top_k(raw, num_logprobs)
-    return SampleResult(tokens, token_logprobs, ranks, top_ids.astype(jnp.int32), top_logprobs)
+    ranks, top_ids, top_logprobs = jax.lax.cond(
+        inp.want_logprobs, functools.partial(_ranks_and_top, num=num_logprobs),
+        functools.partial(_no_ranks, num=num_logprobs), raw, token_logprobs)
+    return SampleResult(tokens, token_logprobs, ranks, top_ids, top_logprobs)

@@ -4,7 +4,12 @@ catches up with their token count, under a token budget and a sequence cap.
 Running requests go first, oldest first; a request whose next chunk needs pages that are not free preempts
 the newest running request (its pages freed, its tokens recomputed later) until it fits. Then waiting
 requests are admitted first come, first served. Long prompts are chunked by the budget. The scheduler only
-moves page numbers and counts; it never touches device arrays.
+moves page numbers, slots and counts; it never touches device arrays.
+
+Each running request holds a slot in `[0, max_num_seqs)`, its row in the runner's persistent per-sequence
+state, from admission until it finishes or is preempted. A batch of decodes alone can run several steps in
+one call (vLLM's `num_scheduler_steps`): each request gets pages for the tokens it may still sample, up to
+that many, before the call.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ class ScheduledChunk:
     request: Request
     start: int
     num_tokens: int
+    new: bool = False  # the request took its slot this step
+    num_steps: int = 1  # decode steps this call runs for the request (more than one: a multi-step decode)
 
     @property
     def completes(self) -> bool:
@@ -43,10 +50,14 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue, the running list and the block pool."""
 
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_scheduler_steps: int = 1, max_model_len: int | None = None):
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_scheduler_steps = num_scheduler_steps
+        self.max_model_len = max_model_len
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -64,7 +75,21 @@ class Scheduler:
         budget -= sum(c.num_tokens for c in chunks)
         if not preempted:
             chunks += self._admit_waiting(budget)
+        if self.num_scheduler_steps > 1 and not preempted and chunks and all(
+                c.num_tokens == 1 and c.completes and not c.new for c in chunks):
+            chunks = [self._extend(c) for c in chunks]
         return SchedulerOutput(chunks, preempted)
+
+    def _extend(self, chunk: ScheduledChunk) -> ScheduledChunk:
+        """A decode chunk running up to `num_scheduler_steps` steps, as many as the request may still sample
+        and its pages can be reserved for (one step if they cannot)."""
+        request = chunk.request
+        steps = min(self.num_scheduler_steps, request.max_tokens - request.num_output_tokens)
+        if self.max_model_len is not None:
+            steps = min(steps, self.max_model_len - len(request.token_ids))
+        if steps <= 1 or not self._reserve(request, request.num_computed_tokens + steps):
+            return chunk
+        return dataclasses.replace(chunk, num_steps=steps)
 
     def _schedule_running(self, budget: int) -> tuple[list[ScheduledChunk], list[Request]]:
         chunks: list[ScheduledChunk] = []
@@ -99,8 +124,9 @@ class Scheduler:
                 self.waiting.appendleft(request)
                 break
             request.status, request.leader = Status.RUNNING, None
+            request.slot = self._free_slots.pop()
             self.running.append(request)
-            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_tokens))
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_tokens, new=True))
             budget -= num_tokens
         self.waiting.extendleft(reversed(skipped))
         return chunks
@@ -140,6 +166,9 @@ class Scheduler:
         self.pool.free(request.pages)
         request.pages = []
         request.num_computed_tokens = 0
+        if request.slot is not None:
+            self._free_slots.append(request.slot)
+            request.slot = None
 
     def _preempt(self, request: Request) -> None:
         self._release(request)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
+
+import jax
 
 import torch
 import transformers
@@ -37,6 +40,22 @@ def text_token_ids(tokenizer, count: int) -> list[list[int]]:
     text = " ".join(p.read_text() for p in sorted(ROOT.glob("docs/*.md")) + [ROOT / "README.md"])
     ids = tokenizer.encode(text)
     return [ids[i * 37:] for i in range(count)]
+
+
+@contextlib.contextmanager
+def compilations():
+    """The names of the XLA compilations that happen inside the block (a list filled as they occur)."""
+    compiles: list[str] = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def assert_idle(engine, wait_s: float = 5.0) -> None:

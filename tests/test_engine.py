@@ -1,12 +1,11 @@
 """The engine end to end on SmolLM2 (CPU, float32): parity with transformers, batch invariance under
 preemption and chunked prefill, seeds, logprobs, no compilation after warm-up, no leaked pages, errors."""
 
-import jax
 import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from tests.engine_fixtures import assert_idle, hf_greedy, hf_smollm2, text_token_ids
+from tests.engine_fixtures import assert_idle, compilations, hf_greedy, hf_smollm2, text_token_ids
 
 CHATS = [
     "What is the capital of France?",
@@ -131,14 +130,7 @@ def test_min_tokens_and_ignore_eos(llm):
 
 
 def test_no_compilation_after_warmup(llm):
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compilations() as compiles:
         llm.chat([[{"role": "user", "content": c}] for c in CHATS[:3]], GREEDY, use_tqdm=False)
         llm.generate(RAW + [{"prompt_token_ids": list(range(5, 300))}],
                      [SamplingParams(temperature=0.8, top_k=20, max_tokens=6, logprobs=2),
@@ -146,8 +138,6 @@ def test_no_compilation_after_warmup(llm):
                                      max_tokens=9, seed=3),
                       SamplingParams(temperature=0, stop=["\n"], min_tokens=2, max_tokens=7),
                       SamplingParams(temperature=0.5, min_p=0.1, top_p=0.8, max_tokens=3)], use_tqdm=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 

@@ -8,23 +8,33 @@ import torch
 from scipy.stats import chisquare
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from jaxllm.sampling import SamplingInputs, apply_penalties, sample
+from jaxllm.sampling import SamplingInputs, apply_penalties, empty_penalty_state, record, reset_row, sample
 
 VOCAB = 40
 
 
-def inputs(rows, history=None, prompt_lens=None, banned=None, **values):
+def inputs(rows, banned=None, min_tokens=0, want_logprobs=True, **values):
     def col(name, default, dtype):
         return jnp.asarray(np.broadcast_to(values.get(name, default), (rows,)), dtype)
-    history = np.full((rows, 8), -1, np.int32) if history is None else np.asarray(history, np.int32)
     return SamplingInputs(
         temperature=col("temperature", 1.0, jnp.float32), top_p=col("top_p", 1.0, jnp.float32),
         top_k=col("top_k", 0, jnp.int32), min_p=col("min_p", 0.0, jnp.float32),
         presence_penalty=col("presence", 0.0, jnp.float32), frequency_penalty=col("frequency", 0.0, jnp.float32),
         repetition_penalty=col("repetition", 1.0, jnp.float32), seeds=col("seeds", 0, jnp.uint32),
-        steps=col("steps", 0, jnp.int32), history=jnp.asarray(history),
-        prompt_lens=jnp.asarray(np.broadcast_to(0 if prompt_lens is None else prompt_lens, (rows,)), jnp.int32),
-        banned=jnp.asarray(np.full((rows, 4), -1) if banned is None else banned, jnp.int32))
+        steps=col("steps", 0, jnp.int32), slots=jnp.arange(rows, dtype=jnp.int32),
+        min_tokens=col("min_tokens", min_tokens, jnp.int32),
+        banned=jnp.asarray(np.full((rows, 4), -1) if banned is None else banned, jnp.int32),
+        want_logprobs=jnp.asarray(want_logprobs))
+
+
+def penalty_state(history=None, prompt_lens=0, rows=1):
+    """Per-row statistics of `history [rows, L]` (prompt then outputs, -1 padded), as the engine keeps them."""
+    history = np.full((rows, 8), -1) if history is None else np.asarray(history)
+    lens = np.broadcast_to(prompt_lens, (len(history),))
+    state = empty_penalty_state(len(history), VOCAB)
+    for row, (tokens, prompt_len) in enumerate(zip(history, lens)):
+        state = reset_row(state, row, jnp.asarray(tokens, jnp.int32), prompt_len)
+    return state
 
 
 def filtered_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
@@ -55,7 +65,8 @@ def test_sampled_frequencies_match_filtered_softmax(settings):
     draws = 6000
     params = dict(settings)
     inp = inputs(draws, seeds=123, steps=np.arange(draws), **params)
-    tokens = np.asarray(jax.jit(lambda x, i: sample(x, i, 4).tokens)(jnp.tile(logits, (draws, 1)), inp))
+    state = penalty_state(rows=draws)
+    tokens = np.asarray(jax.jit(lambda x, i, s: sample(x, i, s, 4).tokens)(jnp.tile(logits, (draws, 1)), inp, state))
     expected = filtered_probs(logits, **params)
     counts = np.bincount(tokens, minlength=VOCAB)
     assert counts[expected == 0].sum() == 0, "sampled a filtered-out token"
@@ -68,7 +79,7 @@ def test_repetition_penalty_matches_transformers():
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 2, (2, VOCAB)).astype(np.float32)
     history = np.array([[1, 5, 5, 9, -1, -1, -1, -1], [2, 3, 30, 31, 2, -1, -1, -1]])
-    ours = apply_penalties(jnp.asarray(logits), inputs(2, history=history, prompt_lens=[2, 3], repetition=1.3))
+    ours = apply_penalties(jnp.asarray(logits), inputs(2, repetition=1.3), penalty_state(history, [2, 3]))
     for row in range(2):
         ids = torch.tensor([[t for t in history[row] if t >= 0]])
         ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, torch.tensor(logits[row:row + 1]))
@@ -78,8 +89,8 @@ def test_repetition_penalty_matches_transformers():
 def test_frequency_and_presence_penalties_count_outputs_only():
     logits = np.zeros((1, VOCAB), np.float32)
     history = np.array([[4, 4, 6, 6, 6, 7, -1, -1]])  # prompt [4, 4], output [6, 6, 6, 7]
-    out = np.asarray(apply_penalties(jnp.asarray(logits), inputs(1, history=history, prompt_lens=2,
-                                                                 frequency=0.5, presence=0.25)))
+    out = np.asarray(apply_penalties(jnp.asarray(logits), inputs(1, frequency=0.5, presence=0.25),
+                                     penalty_state(history, 2)))
     assert out[0, 4] == 0.0
     assert out[0, 6] == pytest.approx(-(0.5 * 3 + 0.25))
     assert out[0, 7] == pytest.approx(-(0.5 + 0.25))
@@ -89,7 +100,8 @@ def test_banned_tokens_are_never_drawn_and_greedy_takes_the_next_best():
     logits = np.zeros((2, VOCAB), np.float32)
     logits[:, 3], logits[:, 8] = 10.0, 9.0
     banned = np.array([[3, -1, -1, -1], [3, 8, -1, -1]])
-    result = sample(jnp.asarray(logits), inputs(2, banned=banned, temperature=0.0), 2)
+    result = sample(jnp.asarray(logits), inputs(2, banned=banned, temperature=0.0, min_tokens=1),
+                    penalty_state(rows=2), 2)
     assert list(np.asarray(result.tokens)) == [8, int(np.argmax(np.where(np.isin(np.arange(VOCAB), [3, 8]), -1,
                                                                          logits[1])))]
 
@@ -98,18 +110,38 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     rng = np.random.default_rng(2)
     logits = rng.normal(0, 1, (8, VOCAB)).astype(np.float32)
     batch = inputs(8, seeds=np.arange(8) * 11, steps=np.arange(8), temperature=0.9, top_p=0.95)
-    together = np.asarray(sample(jnp.asarray(logits), batch, 2).tokens)
+    together = np.asarray(sample(jnp.asarray(logits), batch, penalty_state(rows=8), 2).tokens)
     for row in range(8):
         alone = inputs(1, seeds=row * 11, steps=row, temperature=0.9, top_p=0.95)
-        assert int(sample(jnp.asarray(logits[row:row + 1]), alone, 2).tokens[0]) == together[row]
+        assert int(sample(jnp.asarray(logits[row:row + 1]), alone, penalty_state(), 2).tokens[0]) == together[row]
 
 
 def test_logprobs_are_raw_log_softmax():
     rng = np.random.default_rng(3)
     logits = rng.normal(0, 1, (3, VOCAB)).astype(np.float32)
-    result = sample(jnp.asarray(logits), inputs(3, temperature=0.0, repetition=2.0), 5)
+    result = sample(jnp.asarray(logits), inputs(3, temperature=0.0, repetition=2.0), penalty_state(rows=3), 5)
     raw = jax.nn.log_softmax(logits, axis=-1)
     np.testing.assert_allclose(np.asarray(result.top_logprobs), -np.sort(-np.asarray(raw))[:, :5], rtol=1e-6)
     chosen = np.asarray(result.tokens)
     np.testing.assert_allclose(np.asarray(result.logprobs), np.asarray(raw)[np.arange(3), chosen], rtol=1e-6)
     assert all(np.asarray(result.ranks) >= 1)
+
+
+def test_recorded_samples_match_a_history_that_contains_them():
+    """Counting sampled tokens on the device as they come equals recounting the whole history."""
+    prompt, outputs = [4, 4, 9], [6, 6, 7, 9]
+    state = penalty_state(np.array([prompt + [-1] * 5]), 3)
+    for token in outputs:
+        state = record(state, jnp.array([0, 0]), jnp.array([token, 1]), jnp.array([True, False]))
+    expected = penalty_state(np.array([prompt + outputs + [-1]]), 3)
+    np.testing.assert_array_equal(np.asarray(state.output_counts), np.asarray(expected.output_counts))
+    np.testing.assert_array_equal(np.asarray(state.prompt_mask), np.asarray(expected.prompt_mask))
+
+
+def test_ban_lifts_once_min_tokens_are_sampled():
+    logits = np.zeros((2, VOCAB), np.float32)
+    logits[:, 3] = 10.0
+    banned = np.array([[3, -1, -1, -1]] * 2)
+    result = sample(jnp.asarray(logits), inputs(2, banned=banned, temperature=0.0, min_tokens=2, steps=[1, 2]),
+                    penalty_state(rows=2), 2)
+    assert list(np.asarray(result.tokens)) == [int(np.argmax(np.where(np.arange(VOCAB) == 3, -1, logits[0]))), 3]

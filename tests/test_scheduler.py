@@ -8,18 +8,19 @@ from jaxllm.request import Request, Status
 from jaxllm.scheduler import Scheduler
 
 
-def make(rid, prompt_len, leader=None, index=0):
-    return Request(rid, list(range(prompt_len)), SamplingParams(max_tokens=100), max_tokens=100, seed=0,
-                   index=index, leader=leader)
+def make(rid, prompt_len, leader=None, index=0, max_tokens=100):
+    return Request(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens,
+                   seed=0, index=index, leader=leader)
 
 
 def run_step(scheduler):
-    """Schedule once and pretend the model ran: computed counts advance, completed chunks get a token."""
+    """Schedule once and pretend the model ran: computed counts advance, completed chunks get a token per
+    step."""
     out = scheduler.schedule()
     for chunk in out.chunks:
-        chunk.request.num_computed_tokens += chunk.num_tokens
+        chunk.request.num_computed_tokens += chunk.num_tokens + chunk.num_steps - 1
         if chunk.completes:
-            chunk.request.token_ids.append(7)
+            chunk.request.token_ids += [7] * chunk.num_steps
     return out
 
 
@@ -120,3 +121,49 @@ def test_parallel_samples_share_full_prompt_pages():
     assert s.pool.num_free == 16 - 3  # shared pages stay with the sibling
     s.finish(sibling, "stop")
     assert s.pool.num_free == 16
+
+
+def test_multistep_decode_reserves_pages_for_its_steps_within_max_tokens():
+    s = Scheduler(BlockPool(64, 4), max_num_seqs=4, max_num_batched_tokens=100, num_scheduler_steps=8,
+                  max_model_len=64)
+    a, b = make("a", 6), make("b", 3, max_tokens=5)
+    s.add(a)
+    s.add(b)
+    out = run_step(s)  # prefills run one step
+    assert [c.num_steps for c in out.chunks] == [1, 1]
+    out = run_step(s)  # decodes only: a takes 8 steps, b the 4 tokens it may still sample
+    assert [c.num_steps for c in out.chunks] == [8, 4]
+    assert len(a.pages) == s.pool.pages_for(6 + 8) and len(b.pages) == s.pool.pages_for(3 + 4)
+    c = make("c", 5)
+    s.add(c)
+    out = run_step(s)  # a prefill in the batch: one step for everyone
+    assert [ch.num_steps for ch in out.chunks] == [1, 1, 1]
+
+
+def test_multistep_stops_at_max_model_len_and_falls_back_to_one_step_without_pages():
+    s = Scheduler(BlockPool(5, 4), max_num_seqs=2, max_num_batched_tokens=100, num_scheduler_steps=8,
+                  max_model_len=12)
+    a, b = make("a", 8), make("b", 1)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # a: 2 pages, b: 1 page
+    out = run_step(s)  # a may sample up to token 12: 3 steps; b's 8 steps need 2 more pages, 1 is free
+    assert [c.num_steps for c in out.chunks] == [3, 1]
+    s.finish(a, "length")
+    out = run_step(s)
+    assert [c.num_steps for c in out.chunks] == [8] and len(b.pages) == 3
+
+
+def test_running_requests_hold_distinct_slots_until_released():
+    s = Scheduler(BlockPool(64, 4), max_num_seqs=3, max_num_batched_tokens=100)
+    requests = [make(str(i), 3) for i in range(4)]
+    for r in requests:
+        s.add(r)
+    out = run_step(s)
+    assert all(c.new for c in out.chunks) and sorted(r.slot for r in requests[:3]) == [0, 1, 2]
+    assert requests[3].slot is None
+    freed = requests[1].slot
+    s.finish(requests[1], "stop")
+    out = run_step(s)
+    assert requests[1].slot is None and requests[3].slot == freed
+    assert [c.new for c in out.chunks] == [False, False, True]
