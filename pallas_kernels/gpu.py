@@ -185,9 +185,11 @@ def _group_rows(q: jax.Array, md: AttentionMetadata, shapes: _Shapes) -> jax.Arr
 
 
 def _split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float32 -> bfloat16 (hi, lo) with x ~= hi + lo to about 16 mantissa bits."""
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    """float32 -> bfloat16 (hi, lo) with x ~= hi + lo to about 16 mantissa bits. `hi` keeps the top 16 bits
+    by masking, so it converts to bfloat16 exactly. (Taking lo = x - f32(bf16(x)) instead gave bfloat16-level
+    errors, 7e-4, on the H100 while the interpreter gave 5e-6: the round trip did not survive compilation.)"""
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
+    return hi.astype(jnp.bfloat16), (x - hi).astype(jnp.bfloat16)
 
 
 def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q_shape, shapes: _Shapes):
