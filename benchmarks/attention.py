@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
-import pallas_kernels
 from pallas_kernels import AttentionMetadata, gpu, kv_cache_shape, reference
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128

@@ -7,11 +7,13 @@ ragged batch (mixed prefill and decode) over its sequence. See `metadata.py` for
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from pallas_kernels import gpu, reference, tpu
 from pallas_kernels.metadata import AttentionMetadata, kv_cache_shape, token_layout
@@ -48,10 +50,37 @@ def _auto_backend(dtype) -> str:
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           backend: str = "auto"):
-    """Returns `(out [T, H, D], kv_cache')`; the cache is updated in place when donated by the caller."""
-    impl = _BACKENDS[resolve_backend(backend)]
-    return impl(q, k, v, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+                           backend: str = "auto", heads_axis: str | None = None):
+    """Returns `(out [T, H, D], kv_cache')`; the cache is updated in place when donated by the caller.
+
+    `heads_axis`: the mesh axis the heads (of q, k, v and the cache) are split over. A Pallas kernel is
+    opaque to XLA's partitioner, which would gather every head onto every device around it; so each
+    device runs the kernel on its own heads (`shard_map`), as attention needs nothing from other heads."""
+    name = resolve_backend(backend)
+    impl = functools.partial(_BACKENDS[name], sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if name != "reference" and heads_axis is not None and not _interpreted_gpu_kernel(name):
+        impl = _per_device_heads(impl, kv_cache, heads_axis)
+    return impl(q, k, v, kv_cache, md, jnp.asarray(layer, jnp.int32))
+
+
+def _interpreted_gpu_kernel(name: str) -> bool:
+    """JAX's GPU interpreter simulates one device's shared memory at a time; there the kernel runs on all
+    heads (XLA gathers them: slower, same results)."""
+    return name == "pallas_gpu" and jax.default_backend() != "gpu"
+
+
+def _per_device_heads(impl: Callable, kv_cache: jax.Array, axis: str) -> Callable:
+    """`impl` run by each device of `axis` on its slice of the heads, when the cache's heads are split there."""
+    mesh = jax.typeof(kv_cache).sharding.mesh
+    size = 1 if mesh.empty or axis not in mesh.axis_names else mesh.shape[axis]
+    if size == 1 or (kv_cache.shape[3] // 2) % size:
+        return impl  # heads not split (one device, or too few KV heads: they are replicated)
+    heads, cache, same = PartitionSpec(None, axis), PartitionSpec(None, None, None, axis), PartitionSpec()
+    # Manual over every axis not manual already (interpret-mode callbacks refuse partly automatic meshes);
+    # the other axes hold whole copies of these arrays.
+    manual = set(mesh.axis_names) - set(mesh.manual_axes)
+    return jax.shard_map(impl, mesh=mesh, in_specs=(heads, heads, heads, cache, same, same),
+                         out_specs=(heads, cache), axis_names=manual, check_vma=False)
 
 
 __all__ = ["AttentionMetadata", "kv_cache_shape", "ragged_paged_attention", "resolve_backend", "token_layout"]

@@ -107,7 +107,7 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
     max_blocks = -(-md.pages_per_seq * page_size // block_kv)  # a split of its own for each KV block at most
     num_splits = sizes.num_splits or max(1, min(16, max_blocks,
                                                  -(-2 * _NUM_SMS // (num_kv_heads * md.max_num_seqs))))
-    if block_kv % ROWS or page_size < block_kv and block_kv % page_size or page_size > block_kv and page_size % block_kv:
+    if block_kv % ROWS or max(page_size, block_kv) % min(page_size, block_kv):
         raise ValueError(f"pallas_gpu: block_kv {block_kv} must be a multiple of {ROWS} and divide or be divided "
                          f"by the page size {page_size}")
     split_float32 = jnp.dtype(kv_cache.dtype) == jnp.float32

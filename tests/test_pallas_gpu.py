@@ -93,3 +93,4 @@ def _chosen_logprobs(output) -> list[float]:
     prompt = [next(iter(p.values())).logprob for p in output.prompt_logprobs[1:]]
     completion = output.outputs[0]
     return prompt + [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
+

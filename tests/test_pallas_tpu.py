@@ -8,8 +8,10 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels
+from jaxllm import LLM, SamplingParams
 from pallas_kernels import tpu
 from tests.test_reference_attention import CASES, dense_attention, random_batch
+from tests.tiny_models import make_tiny
 
 
 def run_kernel(q_lens, ctx, h, kvh, d, page, window, cap, dtype=jnp.float32, sizes=None):
@@ -51,3 +53,23 @@ def test_backend_selection(monkeypatch):
     assert pallas_kernels.resolve_backend("auto") == "pallas_tpu"
     with pytest.raises(ValueError, match="reference"):
         pallas_kernels.resolve_backend("flash")
+
+
+def test_tensor_parallel_kernel_runs_per_device_heads(tmp_path):
+    """Tensor parallel 2 with a Pallas kernel (each device attends its own heads, `shard_map`) gives one
+    device's tokens and logprobs (the TPU interpreter runs two devices; the GPU one cannot)."""
+    make_tiny("llama", tmp_path / "model", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=64, vocab_size=160)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 30)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
+    results = {}
+    for backend, tp in (("reference", 1), ("pallas_tpu", 2)):
+        llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
+                  max_num_batched_tokens=32, num_gpu_blocks_override=32, attention_backend=backend,
+                  tensor_parallel_size=tp, compilation_cache_dir=str(tmp_path / "xla"))
+        results[tp] = [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids,
+                                                                                o.outputs[0].logprobs)])
+                       for o in llm.generate(prompts, params, use_tqdm=False)]
+    for (ref_tokens, ref_lp), (tokens, lp) in zip(results[1], results[2]):
+        assert tokens == ref_tokens
+        np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)

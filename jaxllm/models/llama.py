@@ -2,8 +2,9 @@
 
 Decoder layers are created once with every parameter stacked on a leading `layers` axis and run with
 `jax.lax.scan`, so compile time does not grow with depth. With `pipeline_stages > 1` the stack is padded to a
-multiple of the stages with identity layers and run as a pipeline (`jaxllm.pipeline`). Attention reads and writes the paged KV cache
-through `pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of prefills and decodes.
+multiple of the stages with identity layers and run as a pipeline (`jaxllm.pipeline`). Attention reads and
+writes the paged KV cache through `pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of
+prefills and decodes, each device on its own heads under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax import nnx
 import pallas_kernels
 from jaxllm.config import ModelConfig
 from jaxllm.models.layers import apply_rope, pad_stacked, param, rms_norm, rope_inv_freq
-from jaxllm.parallel import padded_layers
+from jaxllm.parallel import ShardingRules, padded_layers
 from jaxllm.pipeline import run_pipeline
 from pallas_kernels.metadata import AttentionMetadata
 
@@ -56,7 +57,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out, kv_cache = pallas_kernels.ragged_paged_attention(
             q, k, v, kv_cache, md, layer, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
-            backend=backend)
+            backend=backend, heads_axis=ShardingRules().kv_heads)
         out = jnp.einsum("thd,hde->te", out, self.o_proj[...])
         if cfg.o_bias:
             out = out + self.o_bias[...]
