@@ -136,11 +136,11 @@ def _no_ranks(raw: jax.Array, token_logprobs: jax.Array, num: int):
 
 
 def sample(logits: jax.Array, inp: SamplingInputs, state: PenaltyState, num_logprobs: int) -> SampleResult:
-    """Draw one token per row from `logits [S, V]` (float32). Penalties, filters and ranks are computed
-    only when some row of the batch needs them."""
+    """Draw one token per row from `logits [S, V]` (float32). Penalties, the ban, filters and ranks are
+    computed only when some row of the batch needs them."""
     raw = jax.nn.log_softmax(logits, axis=-1)
     logits = jax.lax.cond(_needs_penalties(inp), apply_penalties, lambda x, *_: x, logits, inp, state)
-    logits = ban_tokens(logits, inp)
+    logits = jax.lax.cond(jnp.any(inp.steps < inp.min_tokens), ban_tokens, lambda x, _: x, logits, inp)
     greedy = inp.temperature < GREEDY_EPS
     scaled = logits / jnp.where(greedy, 1.0, inp.temperature)[:, None]
     scaled = jax.lax.cond(_needs_filter(inp), filter_logits, lambda s, _: s, scaled, inp)
