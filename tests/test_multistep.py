@@ -1,12 +1,15 @@
 """Multi-step decode (`num_scheduler_steps`) and the device-resident penalty state, on a tiny random Llama:
 the same tokens as single steps (greedy, seeded, penalties, stops, preemption), parity with transformers
-for penalties, fewer host round trips, no compilation after warm-up, no leaked pages."""
+for penalties, fewer host round trips, streaming and abort, no compilation after warm-up, no leaked pages."""
+
+import asyncio
 
 import numpy as np
 import pytest
 import torch
 
 from jaxllm import LLM, SamplingParams
+from jaxllm.async_engine import AsyncEngine
 from tests.engine_fixtures import assert_idle, compilations
 from tests.tiny_models import make_tiny
 
@@ -136,3 +139,30 @@ def test_abort_during_multistep_frees_every_page(multi):
     outputs = engine.abort_request([f"abort-{i}" for i in range(4)])
     assert all(o.finished and o.outputs[0].finish_reason == "abort" for o in outputs)
     assert_idle(engine, wait_s=0)
+
+
+def test_streaming_multistep_deltas_add_up_and_breaking_off_aborts(multi):
+    """Through `AsyncEngine` (the server's engine): the deltas of a multi-step stream add up to the offline
+    tokens, and leaving a stream early frees its pages."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompt = prompts(1, seed=6)[0]
+    expected = multi.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    async_engine = AsyncEngine(multi.llm_engine)
+
+    async def stream(request_id, limit=None):
+        got, deltas = [], 0
+        async for output in async_engine.generate(prompt, params, request_id):
+            got += output.outputs[0].token_ids
+            deltas += 1
+            if limit is not None and len(got) >= limit:
+                break
+        return got, deltas
+
+    try:
+        streamed, deltas = asyncio.run(stream("s"))
+        broken, _ = asyncio.run(stream("t", limit=5))
+    finally:
+        async_engine.shutdown()
+    assert streamed == expected and 1 < deltas < len(expected)
+    assert broken == expected[:len(broken)] and len(broken) < len(expected)
+    assert_idle(multi.llm_engine)
