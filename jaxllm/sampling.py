@@ -55,6 +55,9 @@ class PenaltyState:
     """Token statistics of each running sequence, kept on the device across steps (vLLM's persistent batch
     rows): a row per scheduler slot, so the host never sends a token history. A row is set from the
     sequence's tokens when it takes the slot (`reset_row`) and then grows by the tokens it samples (`record`).
+    Size: max_num_seqs x vocab x 5 bytes, 164 MiB for 256 x 128k (0.2% of an 80 GB GPU, some 1,300 tokens of
+    an 8B model's KV cache); it is allocated before the KV cache is sized, so the budget accounts for it.
+    Steps whose rows use no penalty neither read it nor pay more than a scatter of one token per row.
     """
 
     output_counts: jax.Array  # [R, V] i32, times each token was sampled (frequency and presence penalties)
