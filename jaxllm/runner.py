@@ -29,7 +29,7 @@ from jaxllm.engine_config import EngineConfig
 from jaxllm.parallel import ShardingRules, kv_cache_sharding, padded_layers
 from jaxllm.request import Request
 from jaxllm.sampling import PenaltyState, SamplingInputs, empty_penalty_state, record, reset_row, sample
-from jaxllm.scheduler import SchedulerOutput
+from jaxllm.scheduler import ScheduledChunk, SchedulerOutput
 from pallas_kernels import AttentionMetadata, kv_cache_shape, token_layout
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ class _Layout:
     """Where each int32 field of a step's inputs sits in the flat int32 staging buffer of a bucket (floats
     are `FLOAT_FIELDS` rows of `[6, S]`). One layout serves the host views and the unpacking in the step."""
 
-    num_tokens: int
     num_seqs: int
     fields: tuple[tuple[str, tuple[int, ...], int], ...]  # name, shape, offset
     size: int
@@ -60,7 +59,7 @@ class _Layout:
         for name, shape in shapes:
             fields.append((name, shape, offset))
             offset += math.prod(shape)
-        return cls(t, s, tuple(fields), offset)
+        return cls(s, tuple(fields), offset)
 
     def views(self, ints):
         """`{name: array}` over `ints` (numpy views on the host; slices inside the step)."""
@@ -369,7 +368,7 @@ class _Staging:
         view = self.views[name]
         view[:len(values)], view[len(values):] = values, padding
 
-    def _fill_tokens(self, chunks, num_tokens: int, want_prompt: bool) -> None:
+    def _fill_tokens(self, chunks: list[ScheduledChunk], num_tokens: int, want_prompt: bool) -> None:
         v = self.views
         if num_tokens == len(chunks):  # one token each: decodes
             tokens = np.fromiter((c.request.token_ids[c.start] for c in chunks), np.int32, num_tokens)
