@@ -1,0 +1,50 @@
+"""Where a batch-1 decode token's time goes on the GPU: every kernel the engine launches while generating
+64 tokens after a 512-token prompt (Llama-3.1-8B shape, random bfloat16 weights), recorded with CUPTI and
+summed by kernel name, against the wall time of the same generate call.
+
+    python benchmarks/profile_decode.py [--num-scheduler-steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import numpy as np
+from jax.experimental.mosaic.gpu import profiler
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.bench.presets import random_weights_dir
+
+TOKENS = 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-scheduler-steps", type=int, default=8)
+    args = parser.parse_args()
+    llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
+              num_scheduler_steps=args.num_scheduler_steps)
+    prompt = [{"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, 512).tolist()}]
+    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=TOKENS)
+    llm.generate(prompt, params, use_tqdm=False)  # warm: every program used below is compiled
+    start = time.perf_counter()
+    llm.generate(prompt, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    _, kernels = profiler.measure(lambda: llm.generate(prompt, params, use_tqdm=False), aggregate=False)()
+    totals, counts = collections.Counter(), collections.Counter()
+    for name, ms in kernels:
+        totals[name[:90]] += ms
+        counts[name[:90]] += 1
+    gpu_ms = sum(totals.values())
+    print(f"num_scheduler_steps={args.num_scheduler_steps}: wall {wall / TOKENS * 1e3:.2f} ms/token, "
+          f"GPU busy {gpu_ms / TOKENS:.2f} ms/token, {len(kernels) / TOKENS:.0f} kernels/token")
+    print("| kernel | ms/token | launches/token |")
+    print("| --- | --- | --- |")
+    for name, ms in totals.most_common(18):
+        print(f"| {name} | {ms / TOKENS:.3f} | {counts[name] / TOKENS:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
