@@ -142,7 +142,12 @@ def run_chat(args: argparse.Namespace) -> None:
     from jaxllm.llm_engine import LLMEngine
     from jaxllm.sampling_params import RequestOutputKind
 
+    from jaxllm import distributed
+
     engine = LLMEngine(EngineConfig(**{"model": DEFAULT_MODEL, **_picked(args, EngineConfig)}))
+    if not distributed.is_leader():  # a multi-host chat is typed on process 0; the others follow its steps
+        engine.follow()
+        return
     params = SamplingParams(**{**vars(engine.default_sampling_params()), "max_tokens": None,
                                **_picked(args, SamplingParams), "output_kind": RequestOutputKind.DELTA})
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jax
 
+from jaxllm import distributed
+
 # vLLM's defaults where they suit; on CPU, smaller batches so that start-up compiles stay quick.
 # num_scheduler_steps: 8 decode steps per host round trip on accelerators (vLLM's usual multi-step setting)
 # cuts the host's share of a decode token 8x at the cost of up to 7 wasted tokens per stop and new requests
@@ -41,8 +43,16 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     load_format: str = "auto"  # "dummy": random weights made on the devices (benchmarks), as in vLLM
     num_scheduler_steps: int | None = None  # decode steps per engine step for decode-only batches (vLLM's)
+    # Multi-host (jaxllm.distributed): all three to join a job, none to be one process (or auto on a TPU slice).
+    distributed_coordinator: str | None = None  # host:port of process 0, the same on every process
+    num_processes: int | None = None
+    process_id: int | None = None  # 0 runs the scheduler and server; the others follow its steps
+    distributed_heartbeat_timeout: int = 100  # seconds before JAX counts a silent process as dead
 
     def __post_init__(self) -> None:
+        # jax.distributed must start before JAX's backend, which the defaults below start.
+        distributed.initialize(distributed.DistributedSettings(
+            self.distributed_coordinator, self.num_processes, self.process_id, self.distributed_heartbeat_timeout))
         # JAX reserves XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of each GPU when its backend starts:
         # make that our budget, unless the user chose a fraction or JAX has started already.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{self.gpu_memory_utilization:.4f}")
@@ -69,6 +79,7 @@ class EngineConfig:
             (self.max_logprobs >= 0, "max_logprobs", "must be non-negative"),
             (self.num_scheduler_steps >= 1, "num_scheduler_steps", "must be at least 1"),
             (self.load_format in ("auto", "dummy"), "load_format", "must be 'auto' or 'dummy'"),
+            (self.distributed_heartbeat_timeout >= 1, "distributed_heartbeat_timeout", "must be at least 1"),
         ]
         for ok, name, message in checks:
             if not ok:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from jaxllm import distributed
 from jaxllm.engine_config import EngineConfig
 from jaxllm.llm_engine import LLMEngine, Prompt
 from jaxllm.outputs import RequestOutput
@@ -17,7 +18,10 @@ Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    """A model ready to generate; every keyword is an `EngineConfig` field (vLLM's names)."""
+    """A model ready to generate; every keyword is an `EngineConfig` field (vLLM's names).
+
+    Multi-host: run the same script on every process. On process 0 `LLM(...)` returns and generates; on the
+    others it runs process 0's steps and, when process 0 exits, ends the program (SystemExit 0)."""
 
     def __init__(self, model: str = "SmolLM2-135M-Instruct", tokenizer: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
@@ -31,6 +35,9 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
             skip_tokenizer_init=skip_tokenizer_init, **kwargs))
         self._counter = itertools.count()
+        if not distributed.is_leader():
+            self.llm_engine.follow()
+            raise SystemExit(0)
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.llm_engine.tokenizer

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from jaxllm import distributed
 from jaxllm.block_pool import BlockPool
 from jaxllm.compilation import enable_compilation_cache
 from jaxllm.detokenizer import IncrementalDetokenizer
@@ -44,6 +45,7 @@ class LLMEngine:
         enable_compilation_cache(config.cache_dir())
         mesh = make_mesh(tensor_parallel_size=config.tensor_parallel_size,
                          pipeline_parallel_size=config.pipeline_parallel_size)
+        distributed.check_mesh(mesh)
         loaded = load_model(config.model, dtype=config.resolved_dtype(), mesh=mesh,
                             attention_backend=config.attention_backend, load_format=config.load_format,
                             seed=config.seed)
@@ -90,17 +92,25 @@ class LLMEngine:
         layers_per_device = layers_per_stage(cfg.num_layers, config.pipeline_parallel_size)
         page_bytes = (layers_per_device * config.block_size * 2 * kv_heads_per_device * cfg.head_dim
                       * np.dtype(cfg.jnp_dtype).itemsize)
-        device = mesh.devices.flat[0]
+        device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
         stats = device.memory_stats() if device.platform != "cpu" else None
         if not stats:
             return max(CPU_KV_CACHE_BYTES // page_bytes, 1)
         workspace = int(self.runner.workspace_bytes() * 1.2) + (512 << 20)  # margin for the allocator
         logger.info("step workspace: %.2f GiB", workspace / 2**30)
         free = config.memory_budget(device, stats["bytes_limit"]) - stats["bytes_in_use"] - workspace
+        free = distributed.smallest(int(free))  # one cache shape on every host
         if free < page_bytes:
             raise ValueError(f"no memory left for the KV cache (gpu_memory_utilization="
                              f"{config.gpu_memory_utilization}); raise it or lower max_num_batched_tokens")
         return int(free // page_bytes)
+
+    def follow(self) -> None:
+        """On a process other than 0 of a multi-host engine: run process 0's steps until it shuts down."""
+        if distributed.is_leader():
+            raise RuntimeError("process 0 leads: it steps the engine itself")
+        logger.info("process %d of %d: following process 0's steps", jax.process_index(), jax.process_count())
+        self.runner.follow()
 
     # ----- requests -----
 

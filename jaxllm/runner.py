@@ -25,10 +25,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from jaxllm import distributed
+from jaxllm.distributed import PenaltyReset, StepMessage
 from jaxllm.engine_config import EngineConfig
 from jaxllm.parallel import ShardingRules, kv_cache_sharding, padded_layers
 from jaxllm.request import Request
-from jaxllm.sampling import PenaltyState, SamplingInputs, empty_penalty_state, record, reset_row, sample
+from jaxllm.sampling import PenaltyState, SampleResult, SamplingInputs, empty_penalty_state, record, reset_row, sample
 from jaxllm.scheduler import ScheduledChunk, SchedulerOutput
 from pallas_kernels import AttentionMetadata, kv_cache_shape, token_layout
 
@@ -147,9 +149,13 @@ class ModelRunner:
         self.slots = _SlotTable.empty(rows, self.pages_per_seq)
         self._layouts = {b: _Layout.of(b, config.seq_bucket(b), self.pages_per_seq) for b in config.token_buckets()}
         self._staging = {b: _Staging.empty(layout, rows) for b, layout in self._layouts.items()}
+        # Across hosts the results must be replicated, so that process 0 holds them whole.
+        results = replicated if distributed.is_multiprocess() else None
         self._step = jax.jit(self._forward, donate_argnums=(1, 2),
                              static_argnames=("bucket", "num_steps", "with_prompt_logprobs"),
-                             out_shardings=(None, None, self.cache_sharding, replicated))
+                             out_shardings=(results, results, self.cache_sharding, replicated))
+        self._resets: list[PenaltyReset] = []
+        self.channel = distributed.StepChannel() if distributed.is_multiprocess() else None
 
     def _cache_shape(self, num_pages: int) -> tuple:
         cfg = self.model_config
@@ -249,12 +255,43 @@ class ModelRunner:
         bucket = self._bucket(out.num_tokens)
         staging = self._staging[bucket]
         want_logprobs = self._pack(out, staging, want_prompt)
+        message = StepMessage(bucket, num_steps, want_prompt, staging.ints, staging.floats, tuple(self._resets))
+        self._resets.clear()
+        if self.channel is None:
+            return self._fetch(*self._run(message), want_logprobs)
+        self.channel.publish(message)
+        try:
+            return self._fetch(*self._run(message), want_logprobs)
+        except jax.errors.JaxRuntimeError as e:
+            distributed.lost(f"step {self.channel.next - 1} failed, {distributed.followers()} is likely gone "
+                             f"({distributed.message_of(e)})")
+
+    def _run(self, message: StepMessage) -> tuple[SampleResult, PromptLogprobs | None]:
+        """Dispatch one step on the devices: the penalty resets, then the compiled step. The leader and every
+        follower run exactly this, in the same order."""
+        for reset in message.resets:
+            self.penalties = self._reset_row(self.penalties, np.int32(reset.slot), reset.tokens,
+                                             np.int32(reset.num_prompt_tokens))
         result, prompt, self.kv_cache, self.penalties = self._step(
-            self.params, self.kv_cache, self.penalties, jax.device_put(staging.ints),
-            jax.device_put(staging.floats), bucket=bucket, num_steps=num_steps, with_prompt_logprobs=want_prompt)
+            self.params, self.kv_cache, self.penalties, jax.device_put(message.ints),
+            jax.device_put(message.floats), bucket=message.bucket, num_steps=message.num_steps,
+            with_prompt_logprobs=message.with_prompt_logprobs)
+        return result, prompt
+
+    @staticmethod
+    def _fetch(result: SampleResult, prompt: PromptLogprobs | None, want_logprobs: bool) -> StepOutput:
         top = (result.ranks, result.top_ids, result.top_logprobs) if want_logprobs else (None, None, None)
         tokens, logprobs, top, prompt = jax.device_get((result.tokens, result.logprobs, top, prompt))
         return StepOutput(tokens, logprobs, *top, prompt)
+
+    def follow(self) -> None:
+        """A follower's loop: run the leader's steps as they come, until it shuts down. A step that fails
+        here (a collective lost its peers) ends the process (`distributed.lost`)."""
+        while not isinstance(message := self.channel.receive(), distributed.Shutdown):
+            try:
+                jax.block_until_ready(self._run(message))
+            except jax.errors.JaxRuntimeError as e:
+                distributed.lost(f"step {self.channel.next - 1} failed ({distributed.message_of(e)})")
 
     def _bucket(self, num_tokens: int) -> int:
         return next(b for b in self.config.token_buckets() if b >= num_tokens)
@@ -268,12 +305,12 @@ class ModelRunner:
         return staging.fill(out, self.slots, want_prompt)
 
     def _take_slot(self, request: Request) -> None:
-        """Fill the request's slot rows; a request with penalties also gets its device statistics reset."""
+        """Fill the request's slot rows; a request with penalties also gets its device statistics reset (by
+        the step, which runs the resets first)."""
         if self.slots.assign(request):
             tokens = np.full(self.max_model_len, -1, np.int32)
             tokens[:len(request.token_ids)] = request.token_ids
-            self.penalties = self._reset_row(self.penalties, np.int32(request.slot), tokens,
-                                             np.int32(request.num_prompt_tokens))
+            self._resets.append(PenaltyReset(request.slot, tokens, request.num_prompt_tokens))
 
 
 @dataclasses.dataclass

@@ -81,10 +81,15 @@ def build_engine_config(values: dict[str, Any], engine_fields: list[str]) -> Eng
 
 
 def run(values: dict[str, Any], engine_fields: list[str]) -> None:
+    from jaxllm import distributed
     from jaxllm.async_engine import AsyncEngine
+    from jaxllm.llm_engine import LLMEngine
     from serving.app import ServerConfig, build_app
 
     engine_config = build_engine_config(values, engine_fields)
+    if not distributed.is_leader():  # process N > 0 of a multi-host engine: no server, process 0's steps
+        LLMEngine(engine_config).follow()
+        return
     model = engine_config.model
     server_config = ServerConfig(
         served_model_names=list(values.get("served_model_name") or [model]),

@@ -56,7 +56,7 @@ class SafetensorsReader:
         try:
             if path not in self._handles:
                 self._handles[path] = safe_open(path, framework="flax")
-            with jax.default_device(jax.devices("cpu")[0]):
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 return np.asarray(self._handles[path].get_tensor(name))
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
