@@ -65,9 +65,14 @@ class _Shapes:
 
     @property
     def tokens_per_tile(self) -> int:
-        """As many tokens as fill 64 rows while every tile starts 8-row aligned (TMA moves 8-row tiles)."""
-        step = 8 // math.gcd(self.group, 8)
-        return ROWS // self.group // step * step
+        return tokens_per_tile(self.group)
+
+
+def tokens_per_tile(group: int) -> int:
+    """Tokens of a query tile: as many as fill 64 rows of `group` heads each while every tile starts 8-row
+    aligned (TMA moves whole 8-row tiles into the swizzled shared memory)."""
+    step = 8 // math.gcd(group, 8)
+    return ROWS // group // step * step
 
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
@@ -99,10 +104,10 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
     num_tokens, num_heads, head_dim = q_shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3] // 2
     group = num_heads // num_kv_heads
-    if group > ROWS:
-        raise NotImplementedError(f"pallas_gpu: at most {ROWS} query heads per KV head, got {group}")
-    tokens_per_tile = _Shapes(num_kv_heads, group, head_dim, page_size, 1, 1, 1, 1, 1).tokens_per_tile
-    num_tiles = min(num_tokens, -(-num_tokens // tokens_per_tile) + md.max_num_seqs)
+    if tokens_per_tile(group) == 0:
+        raise NotImplementedError(f"pallas_gpu: {group} query heads per KV head do not fit 8-row aligned tiles of "
+                                  f"{ROWS} rows (odd groups above 8); use the reference backend")
+    num_tiles = min(num_tokens, -(-num_tokens // tokens_per_tile(group)) + md.max_num_seqs)
     block_kv = sizes.block_kv
     max_blocks = -(-md.pages_per_seq * page_size // block_kv)  # a split of its own for each KV block at most
     num_splits = sizes.num_splits or max(1, min(16, max_blocks,
