@@ -36,6 +36,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, names: Sequence[str]
             parser.add_argument(flag, action="store_true", default=None)
         elif "list" in hint:
             parser.add_argument(flag, action="append", default=None)
+        elif "dict" in hint:
+            parser.add_argument(flag, type=json.loads, default=None, help="a JSON object")
         else:
             kind = int if "int" in hint else float if "float" in hint else str
             parser.add_argument(flag, type=kind, default=None)
@@ -139,10 +141,9 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> None:
+    from jaxllm import distributed
     from jaxllm.llm_engine import LLMEngine
     from jaxllm.sampling_params import RequestOutputKind
-
-    from jaxllm import distributed
 
     engine = LLMEngine(EngineConfig(**{"model": DEFAULT_MODEL, **_picked(args, EngineConfig)}))
     if not distributed.is_leader():  # a multi-host chat is typed on process 0; the others follow its steps

@@ -39,6 +39,9 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     max_logprobs: int = 20
     attention_backend: str = "auto"
+    # Pallas kernel block sizes, e.g. {"block_q": 64, "block_kv_tokens": 512} (pallas_tpu) or {"block_kv": 64,
+    # "num_stages": 3} (pallas_gpu); None: the kernel's own choice for the chip. jaxllm's own setting.
+    attention_block_sizes: dict[str, int] | None = None
     generation_config: str = "auto"
     compilation_cache_dir: str | None = None
     load_format: str = "auto"  # "dummy": random weights made on the devices (benchmarks), as in vLLM
@@ -79,6 +82,9 @@ class EngineConfig:
             (self.max_logprobs >= 0, "max_logprobs", "must be non-negative"),
             (self.num_scheduler_steps >= 1, "num_scheduler_steps", "must be at least 1"),
             (self.load_format in ("auto", "dummy"), "load_format", "must be 'auto' or 'dummy'"),
+            (self.attention_block_sizes is None or isinstance(self.attention_block_sizes, dict) and all(
+                isinstance(v, int) and v >= 1 for v in self.attention_block_sizes.values()),
+             "attention_block_sizes", "must map kernel block-size names to positive integers"),
             (self.distributed_heartbeat_timeout >= 1, "distributed_heartbeat_timeout", "must be at least 1"),
         ]
         for ok, name, message in checks:

@@ -48,7 +48,7 @@ class LLMEngine:
         distributed.check_mesh(mesh)
         loaded = load_model(config.model, dtype=config.resolved_dtype(), mesh=mesh,
                             attention_backend=config.attention_backend, load_format=config.load_format,
-                            seed=config.seed)
+                            seed=config.seed, attention_block_sizes=config.attention_block_sizes)
         self.model_config = loaded.config
         self._resolve_max_model_len(loaded.config.max_position_embeddings)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(

@@ -43,11 +43,12 @@ class LoadedModel:
     source: ModelSource | None = None
 
 
-def abstract_model(cfg: ModelConfig, attention_backend: str = "auto", pipeline_stages: int = 1) -> nnx.Module:
+def abstract_model(cfg: ModelConfig, attention_backend: str = "auto", pipeline_stages: int = 1,
+                   attention_block_sizes: dict[str, int] | None = None) -> nnx.Module:
     """The model with shapes and metadata but no arrays."""
     cls = model_class(cfg)
     return nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0), attention_backend=attention_backend,
-                                      pipeline_stages=pipeline_stages))
+                                      pipeline_stages=pipeline_stages, attention_block_sizes=attention_block_sizes))
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.State:
@@ -59,7 +60,8 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.
 
 def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
                rules: ShardingRules = ShardingRules(), attention_backend: str = "auto",
-               load_format: str = "auto", seed: int = 0) -> LoadedModel:
+               load_format: str = "auto", seed: int = 0,
+               attention_block_sizes: dict[str, int] | None = None) -> LoadedModel:
     """Load a Hugging Face directory, a GGUF file or a known model name onto `mesh` (one device by default).
     `load_format="dummy"` reads only the config and makes random weights on the devices."""
     source = resolve_source(model)
@@ -68,28 +70,31 @@ def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
     mesh = mesh or make_mesh()
     stages = mesh.shape["pipeline"]
     if load_format == "dummy":
-        built = random_model(cfg, mesh, rules, seed, attention_backend)
+        built = random_model(cfg, mesh, rules, seed, attention_backend, attention_block_sizes)
     elif source.kind == "jaxllm":
-        built = _restore(abstract_model(cfg, attention_backend, stages), source.path / PARAMS_DIR, mesh, rules)
+        built = _restore(abstract_model(cfg, attention_backend, stages, attention_block_sizes),
+                         source.path / PARAMS_DIR, mesh, rules)
     else:
-        built = _fill(abstract_model(cfg, attention_backend, stages), open_reader(source, cfg), mesh, rules, cfg)
+        built = _fill(abstract_model(cfg, attention_backend, stages, attention_block_sizes),
+                      open_reader(source, cfg), mesh, rules, cfg)
     logger.info("loaded %s (%s, %s) from %s", cfg.architecture, cfg.dtype, _count(built), source.path)
     return LoadedModel(built, cfg, mesh, hf_config, source)
 
 
 def random_model(cfg: ModelConfig, mesh: Mesh | None = None, rules: ShardingRules = ShardingRules(),
-                 seed: int = 0, attention_backend: str = "auto") -> nnx.Module:
+                 seed: int = 0, attention_backend: str = "auto",
+                 attention_block_sizes: dict[str, int] | None = None) -> nnx.Module:
     """A model with random weights created directly in their shardings on the devices (for benchmarks)."""
     mesh = mesh or make_mesh()
     stages = mesh.shape["pipeline"]
-    abstract = abstract_model(cfg, attention_backend, stages)
+    abstract = abstract_model(cfg, attention_backend, stages, attention_block_sizes)
     graphdef, _ = nnx.split(abstract)
     shardings = param_shardings(abstract, mesh, rules)
 
     @jax.jit
     def init():
         state = nnx.state(model_class(cfg)(cfg, nnx.Rngs(seed), attention_backend=attention_backend,
-                                           pipeline_stages=stages))
+                                           pipeline_stages=stages, attention_block_sizes=attention_block_sizes))
         return jax.lax.with_sharding_constraint(state, shardings)
 
     return nnx.merge(graphdef, init())

@@ -1,9 +1,10 @@
 """Cloud TPU slice configs (`tpu_configs/*.yaml`): their `tpu:` section, and what fits on each slice.
 
-A slice config is a `jaxllm serve --config` file: engine settings under vLLM's names, plus a `tpu:` section
-the engine does not apply (the accelerator type, the chips' HBM, the attention kernel's block sizes, the
-models the config suits). `plan()` is the memory arithmetic of docs/tpu.md: per chip, a model's weights and
-KV cache as the engine's own sharding rules split them, within `gpu_memory_utilization` of the chip's HBM.
+A slice config is a `jaxllm serve --config` file: engine settings under vLLM's names (and jaxllm's
+`attention_block_sizes`), plus a `tpu:` section the engine does not apply (the accelerator type, the
+chips' HBM, the models the config suits). `plan()` is the memory arithmetic of docs/tpu.md: per chip, a
+model's weights and KV cache as the engine's own sharding rules split them, within
+`gpu_memory_utilization` of the chip's HBM.
 `python -m jaxllm.tpu_slices tpu_configs/*.yaml` prints the tables of docs/tpu.md.
 """
 
@@ -38,7 +39,6 @@ class Chip:
 
 
 CHIPS = {"v5e": Chip(16, 819, 197, 1), "v6e": Chip(32, 1640, 918, 1), "v5p": Chip(95, 2765, 459, 2)}
-BLOCK_SIZE_KEYS = ("block_q", "block_kv_tokens")
 
 
 def parse_accelerator_type(name: str) -> tuple[str, int]:
@@ -57,7 +57,6 @@ class TpuSection:
     accelerator_type: str
     chips: int
     hbm_gib_per_chip: int
-    attention_block_sizes: dict[str, int]  # pallas_kernels.tpu.BlockSizes' fields
     models: tuple[str, ...]
 
     @property
@@ -91,12 +90,6 @@ class TpuSection:
         if self.hbm_gib_per_chip != CHIPS[generation].hbm_gib:
             raise ValueError(f"tpu.hbm_gib_per_chip: a {generation} chip has {CHIPS[generation].hbm_gib} GiB, "
                              f"not {self.hbm_gib_per_chip!r}")
-        sizes = self.attention_block_sizes
-        if not isinstance(sizes, dict) or sorted(sizes) != sorted(BLOCK_SIZE_KEYS):
-            raise ValueError(f"tpu.attention_block_sizes: expected exactly {', '.join(BLOCK_SIZE_KEYS)}")
-        for key, value in sizes.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"tpu.attention_block_sizes.{key}: expected a positive integer, got {value!r}")
         if not all(isinstance(model, str) for model in self.models):
             raise ValueError("tpu.models: expected a list of model names")
 

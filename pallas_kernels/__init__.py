@@ -7,6 +7,7 @@ ragged batch (mixed prefill and decode) over its sequence. See `metadata.py` for
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Callable
@@ -50,17 +51,35 @@ def _auto_backend(dtype) -> str:
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           backend: str = "auto", heads_axis: str | None = None):
+                           backend: str = "auto", heads_axis: str | None = None,
+                           block_sizes: tuple[tuple[str, int], ...] | None = None):
     """Returns `(out [T, H, D], kv_cache')`; the cache is updated in place when donated by the caller.
 
+    `block_sizes`: `(field, value)` pairs of the Pallas kernel's `BlockSizes` (None: its defaults).
     `heads_axis`: the mesh axis the heads (of q, k, v and the cache) are split over. A Pallas kernel is
     opaque to XLA's partitioner, which would gather every head onto every device around it; so each
     device runs the kernel on its own heads (`shard_map`), as attention needs nothing from other heads."""
     name = resolve_backend(backend)
-    impl = functools.partial(_BACKENDS[name], sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    impl = functools.partial(_BACKENDS[name], sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                             **_sizes(name, block_sizes))
     if name != "reference" and heads_axis is not None and not _interpreted_gpu_kernel(name):
         impl = _per_device_heads(impl, kv_cache, heads_axis)
     return impl(q, k, v, kv_cache, md, jnp.asarray(layer, jnp.int32))
+
+
+def _sizes(name: str, block_sizes: tuple[tuple[str, int], ...] | None) -> dict:
+    """The `sizes=` argument of a Pallas kernel from `(field, value)` pairs (`attention_block_sizes`)."""
+    if not block_sizes:
+        return {}
+    if name == "reference":
+        raise ValueError("attention_block_sizes apply to the Pallas kernels, not to the reference backend")
+    module = gpu if name == "pallas_gpu" else tpu
+    fields = {f.name for f in dataclasses.fields(module.BlockSizes)}
+    unknown = sorted(set(dict(block_sizes)) - fields)
+    if unknown:
+        raise ValueError(f"attention_block_sizes: {', '.join(unknown)} not block sizes of {name} "
+                         f"(they are: {', '.join(sorted(fields))})")
+    return {"sizes": module.BlockSizes(**dict(block_sizes))}
 
 
 def _interpreted_gpu_kernel(name: str) -> bool:

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import jax
-
 import torch
 import transformers
 

@@ -87,7 +87,8 @@ def sharegpt_v3_file(tmp_path, conversations: list[dict], cut: int = 0):
 
 def test_sharegpt_sampling_shuffles_with_seed_0_and_keeps_first_two_turns(tmp_path):
     pairs = [(words(f"p{k}_", 4 + k), words(f"c{k}_", 5 + k)) for k in range(20)]
-    convs = [conversation(p, c, words("third", 50)) for p, c in pairs[:10]] + [conversation(p, c) for p, c in pairs[10:]]
+    convs = ([conversation(p, c, words("third", 50)) for p, c in pairs[:10]]
+             + [conversation(p, c) for p, c in pairs[10:]])
     convs[3:3] = [conversation(words("lonely", 9)), conversation()]  # fewer than two turns: never sampled
     path = sharegpt_v3_file(tmp_path, convs)
     got = datasets.sample_sharegpt(datasets.read_conversations(path.read_text()), 7, WordTokenizer())

@@ -73,3 +73,26 @@ def test_tensor_parallel_kernel_runs_per_device_heads(tmp_path):
     for (ref_tokens, ref_lp), (tokens, lp) in zip(results[1], results[2]):
         assert tokens == ref_tokens
         np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_applies_attention_block_sizes(tmp_path, monkeypatch):
+    """`attention_block_sizes` reaches the kernel: small blocks (several query chunks and KV blocks per
+    sequence) give the reference's tokens, and a name the kernel does not have is refused by name."""
+    seen = set()
+    original = tpu.attend
+    monkeypatch.setattr(tpu, "attend", lambda *a, **kw: seen.add(kw["sizes"]) or original(*a, **kw))
+    make_tiny("llama", tmp_path / "model", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+              head_dim=64, vocab_size=160)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 30)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    common = dict(skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+                  num_gpu_blocks_override=32, compilation_cache_dir=str(tmp_path / "xla"))
+    expected = [o.outputs[0].token_ids for o in LLM(str(tmp_path / "model"), **common).generate(
+        prompts, params, use_tqdm=False)]
+    small = LLM(str(tmp_path / "model"), attention_backend="pallas_tpu",
+                attention_block_sizes={"block_q": 8, "block_kv_tokens": 16}, **common)
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)] == expected
+    assert seen == {tpu.BlockSizes(block_q=8, block_kv_tokens=16)}  # every traced call used the setting
+    with pytest.raises(ValueError, match="block_kv .*not block sizes of pallas_tpu"):
+        LLM(str(tmp_path / "model"), attention_backend="pallas_tpu", attention_block_sizes={"block_kv": 64},
+            **common)

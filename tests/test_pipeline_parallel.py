@@ -9,12 +9,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from jaxllm import LLM, SamplingParams
+from jaxllm import LLM, SamplingParams, pipeline
 from jaxllm.cli import build_parser
 from jaxllm.engine_config import EngineConfig
 from jaxllm.model_loader import load_model
 from jaxllm.parallel import layers_per_stage, make_mesh, padded_layers
-from jaxllm import pipeline
 from jaxllm.pipeline import microbatch_metadata, num_microbatches
 from pallas_kernels import AttentionMetadata, kv_cache_shape
 from pallas_kernels.reference import ragged_paged_attention

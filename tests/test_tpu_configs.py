@@ -82,18 +82,22 @@ def test_values_within_the_engines_limits(name):
 
 
 @pytest.mark.parametrize("name", SLICES)
-def test_attention_block_sizes_are_the_kernels(name):
-    """The engine does not pass block sizes yet: the kernel takes its table's entry for the chip it runs on,
-    so a file may only record that entry."""
-    tpu, page = CONFIGS[name].tpu, CONFIGS[name].engine["block_size"]
-    sizes = tpu_kernel.BlockSizes(**tpu.attention_block_sizes)
-    assert sizes == tpu_kernel.BLOCK_SIZES[tpu.generation]
+def test_attention_block_sizes_reach_the_engine(name):
+    """Each file's kernel block sizes are a valid `BlockSizes` of the Mosaic TPU kernel (starting from the
+    kernel's own entry for the chip), whole pages per KV block, and become the engine's setting."""
+    config, page = CONFIGS[name], CONFIGS[name].engine["block_size"]
+    sizes = tpu_kernel.BlockSizes(**config.engine["attention_block_sizes"])
+    assert sizes == tpu_kernel.BLOCK_SIZES[config.tpu.generation]
     assert sizes.block_kv_tokens % page == 0, "a KV block must be whole pages"
     assert _power_of_two(sizes.block_q)
+    path = str(ROOT / "tpu_configs" / f"{name}.yaml")
+    engine_config = server.build_engine_config(server.load_config(path, ENGINE_FIELDS), ENGINE_FIELDS)
+    assert engine_config.attention_block_sizes == config.engine["attention_block_sizes"]
 
 
 @pytest.mark.parametrize("block_q,block_kv,page", sorted({
-    (c.tpu.attention_block_sizes["block_q"], c.tpu.attention_block_sizes["block_kv_tokens"], c.engine["block_size"])
+    (c.engine["attention_block_sizes"]["block_q"], c.engine["attention_block_sizes"]["block_kv_tokens"],
+     c.engine["block_size"])
     for c in CONFIGS.values()}))
 def test_kernel_runs_with_the_slice_block_and_page_sizes(block_q, block_kv, page):
     """The interpreted Mosaic kernel with each file's block and page sizes: several query chunks and KV blocks."""

@@ -44,7 +44,8 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_cache: jax.Array,
-                 md: AttentionMetadata, layer: jax.Array, backend: str) -> tuple[jax.Array, jax.Array]:
+                 md: AttentionMetadata, layer: jax.Array, backend: str,
+                 block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
         k = jnp.einsum("te,ehd->thd", x, self.k_proj[...])
@@ -57,7 +58,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out, kv_cache = pallas_kernels.ragged_paged_attention(
             q, k, v, kv_cache, md, layer, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
-            backend=backend, heads_axis=ShardingRules().kv_heads)
+            backend=backend, heads_axis=ShardingRules().kv_heads, block_sizes=block_sizes)
         out = jnp.einsum("thd,hde->te", out, self.o_proj[...])
         if cfg.o_bias:
             out = out + self.o_bias[...]
@@ -90,9 +91,10 @@ class DecoderLayer(nnx.Module):
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_cache: jax.Array,
-                 md: AttentionMetadata, layer: jax.Array, backend: str) -> tuple[jax.Array, jax.Array]:
+                 md: AttentionMetadata, layer: jax.Array, backend: str,
+                 block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
         h, kv_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), positions, inv_freq, kv_cache, md,
-                                layer, backend)
+                                layer, backend, block_sizes)
         x = x + h
         x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
         return x, kv_cache
@@ -105,10 +107,11 @@ class LlamaForCausalLM(nnx.Module):
     holds `padded_layers(num_layers, pipeline_stages)` layers, the ones past `num_layers` all zeros."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_backend: str = "auto",
-                 pipeline_stages: int = 1):
+                 pipeline_stages: int = 1, attention_block_sizes: dict[str, int] | None = None):
         dt = cfg.jnp_dtype
         self.cfg = cfg
         self.attention_backend = pallas_kernels.resolve_backend(attention_backend, cfg.jnp_dtype)
+        self.attention_block_sizes = tuple(sorted(attention_block_sizes.items())) if attention_block_sizes else None
         self.pipeline_stages = pipeline_stages
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         self.layers = DecoderLayer(cfg, rngs, stack=cfg.num_layers)
@@ -145,7 +148,8 @@ class LlamaForCausalLM(nnx.Module):
             x, kv_cache = carry
             layer_state, index = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, positions, inv_freq, kv_cache, md, index, self.attention_backend), None
+            return layer(x, positions, inv_freq, kv_cache, md, index, self.attention_backend,
+                         self.attention_block_sizes), None
 
         depth = jax.tree.leaves(stacked)[0].shape[0]
         (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)))
