@@ -109,6 +109,11 @@ def test_leader_exits_with_a_clear_error_when_a_follower_dies(tiny_model, tmp_pa
         _finish([leader, follower], timeout=5)
     err = _stderr(tmp_path, 0)
     assert "TOKENS" not in out, "the leader finished before the follower was killed"
-    assert leader.returncode == 70, err
-    assert "process 0: step" in err and "process 1 is likely gone" in err, err[-3000:]
+    # Either the leader's step sees the lost peer (gloo fails the collective: our message, status 70), or
+    # the collective waits and JAX's heartbeat (10 s here) ends the leader with its own message (SIGABRT).
+    # Which one depends on where the leader was when the follower died; both are a clear, bounded exit.
+    ours = leader.returncode == 70 and "process 0: step" in err and "process 1 is likely gone" in err
+    jaxs = (leader.returncode == -signal.SIGABRT
+            and "Terminating process because the JAX distributed service detected fatal errors" in err)
+    assert ours or jaxs, (leader.returncode, err[-3000:])
     assert elapsed < 30
