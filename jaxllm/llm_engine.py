@@ -23,7 +23,7 @@ from jaxllm.engine_config import CPU_KV_CACHE_BYTES, EngineConfig
 from jaxllm.model_loader import load_model
 from jaxllm.output_processor import Completion, RequestGroup, position_logprobs
 from jaxllm.outputs import RequestOutput
-from jaxllm.parallel import layers_per_stage, make_mesh
+from jaxllm.parallel import make_mesh
 from jaxllm.request import Request
 from jaxllm.runner import MAX_BANNED, ModelRunner, PromptLogprobs, StepOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -85,13 +85,10 @@ class LLMEngine:
 
     def _num_pages(self, mesh: jax.sharding.Mesh) -> int:
         """`num_gpu_blocks_override`, else what fits: a fixed budget on CPU, the memory left on accelerators."""
-        cfg, config = self.model_config, self.config
+        config = self.config
         if config.num_gpu_blocks_override:
             return config.num_gpu_blocks_override
-        kv_heads_per_device = max(cfg.num_kv_heads // config.tensor_parallel_size, 1)
-        layers_per_device = layers_per_stage(cfg.num_layers, config.pipeline_parallel_size)
-        page_bytes = (layers_per_device * config.block_size * 2 * kv_heads_per_device * cfg.head_dim
-                      * np.dtype(cfg.jnp_dtype).itemsize)
+        page_bytes = self.runner.page_bytes_per_device()
         device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
         stats = device.memory_stats() if device.platform != "cpu" else None
         if not stats:

@@ -87,11 +87,6 @@ def padded_layers(num_layers: int, num_stages: int) -> int:
     return -(-num_layers // num_stages) * num_stages
 
 
-def layers_per_stage(num_layers: int, num_stages: int) -> int:
-    """Decoder layers (and KV-cache layers) each device holds under `num_stages` pipeline stages."""
-    return padded_layers(num_layers, num_stages) // num_stages
-
-
 KV_CACHE_AXES = ("layers", "kv_pages", "page", "kv_heads", "head_dim")
 
 

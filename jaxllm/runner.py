@@ -165,6 +165,13 @@ class ModelRunner:
     def _cache_sharding(self, num_pages: int) -> jax.sharding.NamedSharding:
         return kv_cache_sharding(self._cache_shape(num_pages), self.mesh, self.rules)
 
+    def page_bytes_per_device(self) -> int:
+        """Bytes one KV page takes on each device, as the cache's sharding splits it (a stage's layers, the
+        device's KV heads, or all of them where the heads are replicated)."""
+        shape = self._cache_shape(1)
+        per_device = self._cache_sharding(1).shard_shape(shape)
+        return math.prod(per_device) * np.dtype(self.model_config.jnp_dtype).itemsize
+
     def allocate_kv_cache(self, num_pages: int) -> None:
         shape, dtype = self._cache_shape(num_pages), self.model_config.jnp_dtype
         self.kv_cache = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding)()

@@ -160,12 +160,17 @@ def _row_bases(md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
     return jnp.cumsum(sizes) - sizes
 
 
+def _tiles_per_seq(md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
+    """Query tiles of each sequence (none for padding sequences)."""
+    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
+    return jnp.where(jnp.arange(md.max_num_seqs) < md.num_seqs[0], -(-q_lens // shapes.tokens_per_tile), 0)
+
+
 def _tile_table(md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
     """Per tile slot `[num_tiles, 6]`: sequence, first grouped query row, token offset in the sequence,
     the sequence's q_len and kv_len, and whether the slot holds a tile (1) or is spare (0)."""
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
-    real = jnp.arange(md.max_num_seqs) < md.num_seqs[0]
-    per_seq = jnp.where(real, -(-q_lens // shapes.tokens_per_tile), 0)
+    per_seq = _tiles_per_seq(md, shapes)
     ends = jnp.cumsum(per_seq)
     slot = jnp.arange(shapes.num_tiles, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), md.max_num_seqs - 1).astype(jnp.int32)
@@ -202,8 +207,7 @@ def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q
     padding rows are zero, as in the reference."""
     num_tokens = q_shape[0]
     seq, pos, valid = token_layout(md, num_tokens)
-    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
-    per_seq = jnp.where(jnp.arange(md.max_num_seqs) < md.num_seqs[0], -(-q_lens // shapes.tokens_per_tile), 0)
+    per_seq = _tiles_per_seq(md, shapes)
     first_tile = jnp.cumsum(per_seq) - per_seq
     t_in_seq = jnp.arange(num_tokens) - md.cu_q_lens[seq]
     tile = jnp.minimum(first_tile[seq] + t_in_seq // shapes.tokens_per_tile, shapes.num_tiles - 1)

@@ -13,7 +13,7 @@ from jaxllm import LLM, SamplingParams, pipeline
 from jaxllm.cli import build_parser
 from jaxllm.engine_config import EngineConfig
 from jaxllm.model_loader import load_model
-from jaxllm.parallel import layers_per_stage, make_mesh, padded_layers
+from jaxllm.parallel import make_mesh, padded_layers
 from jaxllm.pipeline import microbatch_metadata, num_microbatches
 from pallas_kernels import AttentionMetadata, kv_cache_shape
 from pallas_kernels.reference import ragged_paged_attention
@@ -173,8 +173,7 @@ def test_pipeline_parallel_size_flag_and_config():
         assert parser.parse_args([*command, "--pipeline-parallel-size", "4"]).pipeline_parallel_size == 4
     with pytest.raises(ValueError, match="pipeline_parallel_size"):
         EngineConfig(pipeline_parallel_size=0)
-    assert (padded_layers(30, 4), layers_per_stage(30, 4), padded_layers(3, 2), layers_per_stage(32, 1)) == (
-        32, 8, 4, 32)
+    assert (padded_layers(30, 4), padded_layers(3, 2), padded_layers(32, 1)) == (32, 4, 32)
 
 
 def test_microbatch_counts(monkeypatch):

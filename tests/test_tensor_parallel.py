@@ -66,3 +66,18 @@ def test_random_model_is_made_in_its_shardings():
                                   np.asarray(single.layers.attn.q_proj[...], np.float32))
     out = PagedRunner(sharded, page_size=8, mesh=make_mesh(tensor_parallel_size=2)).step({0: [1, 2, 3]})
     assert np.isfinite(out[0]).all()
+
+
+def test_kv_page_bytes_follow_the_cache_sharding(tmp_path):
+    """The KV budget counts what a device really holds: its share of the heads, or all of them where the
+    tensor size does not divide the KV heads (they are replicated then)."""
+    from jaxllm.engine_config import EngineConfig
+    from jaxllm.runner import ModelRunner
+
+    make_tiny("llama", tmp_path)  # 2 KV heads of 16, 3 layers, float32
+    per_page = 3 * 8 * 2 * 16 * 4  # layers x page x (K, V) x head_dim x bytes, per KV head
+    for tp, heads_per_device in ((1, 2), (2, 1), (4, 2)):
+        mesh = make_mesh(tensor_parallel_size=tp)
+        runner = ModelRunner(EngineConfig(model=str(tmp_path), block_size=8, max_model_len=64,
+                                          tensor_parallel_size=tp), load_model(str(tmp_path), mesh=mesh).model, mesh)
+        assert runner.page_bytes_per_device() == heads_per_device * per_page, f"tp={tp}"
