@@ -30,7 +30,16 @@ from jaxllm.distributed import PenaltyReset, StepMessage
 from jaxllm.engine_config import EngineConfig
 from jaxllm.parallel import ShardingRules, kv_cache_sharding, padded_layers
 from jaxllm.request import Request
-from jaxllm.sampling import PenaltyState, SampleResult, SamplingInputs, empty_penalty_state, record, reset_row, sample
+from jaxllm.sampling import (
+    PenaltyState,
+    SampleResult,
+    SamplingInputs,
+    empty_penalty_state,
+    ranks_and_top,
+    record,
+    reset_row,
+    sample,
+)
 from jaxllm.scheduler import ScheduledChunk, SchedulerOutput
 from pallas_kernels import AttentionMetadata, kv_cache_shape, token_layout
 
@@ -118,9 +127,7 @@ class StepOutput:
 def _logprobs_of(logits: jax.Array, targets: jax.Array, num: int):
     raw = jax.nn.log_softmax(logits, axis=-1)
     target_lp = jnp.take_along_axis(raw, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
-    ranks = 1 + jnp.sum(raw > target_lp[:, None], axis=-1).astype(jnp.int32)
-    top_lp, top_ids = jax.lax.top_k(raw, num)
-    return target_lp, ranks, top_ids.astype(jnp.int32), top_lp
+    return (target_lp, *ranks_and_top(raw, target_lp, num))
 
 
 def _positions(md: AttentionMetadata, num_tokens: int) -> jax.Array:

@@ -127,7 +127,8 @@ def _needs_penalties(inp: SamplingInputs) -> jax.Array:
     return jnp.any((inp.presence_penalty != 0.0) | (inp.frequency_penalty != 0.0) | (inp.repetition_penalty != 1.0))
 
 
-def _ranks_and_top(raw: jax.Array, token_logprobs: jax.Array, num: int):
+def ranks_and_top(raw: jax.Array, token_logprobs: jax.Array, num: int):
+    """Rank of each row's token (1 + the tokens more likely) and the `num` most likely ids and logprobs."""
     ranks = 1 + jnp.sum(raw > token_logprobs[:, None], axis=-1).astype(jnp.int32)
     top_logprobs, top_ids = jax.lax.top_k(raw, num)
     return ranks, top_ids.astype(jnp.int32), top_logprobs
@@ -153,6 +154,6 @@ def sample(logits: jax.Array, inp: SamplingInputs, state: PenaltyState, num_logp
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
     ranks, top_ids, top_logprobs = jax.lax.cond(
-        inp.want_logprobs, functools.partial(_ranks_and_top, num=num_logprobs),
+        inp.want_logprobs, functools.partial(ranks_and_top, num=num_logprobs),
         functools.partial(_no_ranks, num=num_logprobs), raw, token_logprobs)
     return SampleResult(tokens, token_logprobs, ranks, top_ids, top_logprobs)
