@@ -1,8 +1,11 @@
 """Ragged paged attention: one signature, chosen implementation by backend.
 
 `ragged_paged_attention(q, k, v, kv_cache, metadata, layer, sm_scale=..., sliding_window=...,
-soft_cap=..., backend=...)` writes this step's K/V into the paged cache and attends every query row of a
-ragged batch (mixed prefill and decode) over its sequence. See `metadata.py` for the batch layout.
+soft_cap=..., backend=..., plan=...)` writes this step's K/V into the paged cache and attends every query
+row of a ragged batch (mixed prefill and decode) over its sequence. See `metadata.py` for the batch layout.
+A model calls `plan_attention` once per step and hands the plan to every layer's call, so that what the
+batch layout implies (each row's sequence, position and page; the GPU kernel's tiles) is computed once, not
+once per layer.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from pallas_kernels import gpu, reference, tpu
-from pallas_kernels.metadata import AttentionMetadata, kv_cache_shape, token_layout
+from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, kv_cache_shape, plan_rows, token_layout
 
 _BACKENDS: dict[str, Callable] = {"reference": reference.ragged_paged_attention,
                                   "pallas_tpu": tpu.ragged_paged_attention,
@@ -49,11 +52,22 @@ def _auto_backend(dtype) -> str:
     return "reference"
 
 
+def plan_attention(md: AttentionMetadata, num_tokens: int, *, page_size: int, group: int,
+                   backend: str = "auto") -> AttentionPlan:
+    """The step's `AttentionPlan` for `backend` (`group`: query heads per KV head)."""
+    if resolve_backend(backend) == "pallas_gpu":
+        return gpu.plan_step(md, num_tokens, page_size, group)
+    return plan_rows(md, num_tokens, page_size)
+
+
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            backend: str = "auto", heads_axis: str | None = None,
-                           block_sizes: tuple[tuple[str, int], ...] | None = None):
+                           block_sizes: tuple[tuple[str, int], ...] | None = None,
+                           plan: AttentionPlan | None = None):
     """Returns `(out [T, H, D], kv_cache')`; the cache is updated in place when donated by the caller.
+
+    `plan`: the step's `plan_attention` for this backend (None: derived here, for this call alone).
 
     `block_sizes`: `(field, value)` pairs of the Pallas kernel's `BlockSizes` (None: its defaults).
     `heads_axis`: the mesh axis the heads (of q, k, v and the cache) are split over. A Pallas kernel is
@@ -64,7 +78,10 @@ def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *,
                              **_sizes(name, block_sizes))
     if name != "reference" and heads_axis is not None and not _interpreted_gpu_kernel(name):
         impl = _per_device_heads(impl, kv_cache, heads_axis)
-    return impl(q, k, v, kv_cache, md, jnp.asarray(layer, jnp.int32))
+    if plan is None:
+        group = q.shape[1] * 2 // kv_cache.shape[3]
+        plan = plan_attention(md, q.shape[0], page_size=kv_cache.shape[2], group=group, backend=name)
+    return impl(q, k, v, kv_cache, md, jnp.asarray(layer, jnp.int32), plan=plan)
 
 
 def _sizes(name: str, block_sizes: tuple[tuple[str, int], ...] | None) -> dict:
@@ -98,8 +115,11 @@ def _per_device_heads(impl: Callable, kv_cache: jax.Array, axis: str) -> Callabl
     # Manual over every axis not manual already (interpret-mode callbacks refuse partly automatic meshes);
     # the other axes hold whole copies of these arrays.
     manual = set(mesh.axis_names) - set(mesh.manual_axes)
-    return jax.shard_map(impl, mesh=mesh, in_specs=(heads, heads, heads, cache, same, same),
-                         out_specs=(heads, cache), axis_names=manual, check_vma=False)
+    per_device = jax.shard_map(lambda q, k, v, c, md, layer, plan: impl(q, k, v, c, md, layer, plan=plan),
+                               mesh=mesh, in_specs=(heads, heads, heads, cache, same, same, same),
+                               out_specs=(heads, cache), axis_names=manual, check_vma=False)
+    return lambda q, k, v, c, md, layer, plan: per_device(q, k, v, c, md, layer, plan)  # `plan` by keyword
 
 
-__all__ = ["AttentionMetadata", "kv_cache_shape", "ragged_paged_attention", "resolve_backend", "token_layout"]
+__all__ = ["AttentionMetadata", "AttentionPlan", "kv_cache_shape", "plan_attention", "ragged_paged_attention",
+           "resolve_backend", "token_layout"]

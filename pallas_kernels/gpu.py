@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.metadata import AttentionMetadata, token_layout
+from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
 from pallas_kernels.reference import write_kv
 
 ROWS = 64  # query rows per tile: the M of one Hopper wgmma
@@ -75,29 +75,49 @@ def tokens_per_tile(group: int) -> int:
     return ROWS // group // step * step
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """The kernel's tables for one step's batch, the same for every layer (`plan_step`)."""
+
+    tiles: jax.Array  # [num_tiles, 6] see `_tile_table`
+    q_source: jax.Array  # [num_rows] the flat `token * G + g` query row of each grouped row; T * G: zeros
+    out_tile: jax.Array  # [T] the tile holding each token's rows
+    out_row: jax.Array  # [T, G] the row in that tile of each of the token's G query heads
+
+
+def plan_step(md: AttentionMetadata, num_tokens: int, page_size: int, group: int) -> AttentionPlan:
+    """The step's `AttentionPlan` with this kernel's tiles: computed once per step, used by every layer."""
+    rows = plan_rows(md, num_tokens, page_size)
+    return dataclasses.replace(rows, kernel=plan_tiles(md, rows, num_tokens, group))
+
+
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           sizes: BlockSizes | None = None):
+                           sizes: BlockSizes | None = None, plan: AttentionPlan | None = None):
     """Same contract as `pallas_kernels.reference.ragged_paged_attention`."""
-    kv_cache = write_kv(k, v, kv_cache, md, layer)
+    plan = plan if plan is not None and plan.kernel is not None else plan_step(
+        md, q.shape[0], kv_cache.shape[2], q.shape[1] // (kv_cache.shape[3] // 2))
+    kv_cache = write_kv(k, v, kv_cache, md, layer, plan)
     out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                 sizes=sizes or BlockSizes())
+                 sizes=sizes or BlockSizes(), plan=plan)
     return out, kv_cache
 
 
 def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, sliding_window: int | None,
-           soft_cap: float | None, sizes: BlockSizes) -> jax.Array:
-    """Attention of `q [T, H, D]` over the cache: tile table and query regrouping in XLA, the kernel, the
-    split merge and the row scatter back to `[T, H, D]` in XLA."""
+           soft_cap: float | None, sizes: BlockSizes, plan: AttentionPlan | None = None) -> jax.Array:
+    """Attention of `q [T, H, D]` over the cache: query regrouping in XLA (by the plan's tables), the kernel,
+    the split merge and the row gather back to `[T, H, D]` in XLA."""
     shapes = _plan(q.shape, kv_cache, md, sizes)
     _check_inputs(q, kv_cache, shapes)
-    tiles = _tile_table(md, shapes)
-    q_rows = _group_rows(q, md, shapes)
+    if plan is None or plan.kernel is None:
+        plan = plan_step(md, q.shape[0], shapes.page_size, shapes.group)
+    q_rows = _group_rows(q, plan.kernel.q_source, shapes)
     q_parts = _split_halves(q_rows) if shapes.split_float32 else (q_rows,)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    out, lse = _call_kernel(tiles, layer, md.page_indices, q_parts, kv_cache, shapes, q.dtype,
+    out, lse = _call_kernel(plan.kernel.tiles, layer, md.page_indices, q_parts, kv_cache, shapes, q.dtype,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    return _gather_rows(out, lse, md, q.shape, shapes).astype(q.dtype)
+    return _gather_rows(out, lse, plan, q.shape, shapes).astype(q.dtype)
 
 
 def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, sizes: BlockSizes) -> _Shapes:
@@ -107,7 +127,7 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
     if tokens_per_tile(group) == 0:
         raise NotImplementedError(f"pallas_gpu: {group} query heads per KV head do not fit 8-row aligned tiles of "
                                   f"{ROWS} rows (odd groups above 8); use the reference backend")
-    num_tiles = min(num_tokens, -(-num_tokens // tokens_per_tile(group)) + md.max_num_seqs)
+    num_tiles = _num_tiles(num_tokens, group, md.max_num_seqs)
     block_kv = sizes.block_kv
     max_blocks = -(-md.pages_per_seq * page_size // block_kv)  # a split of its own for each KV block at most
     num_splits = sizes.num_splits or max(1, min(16, max_blocks,
@@ -150,48 +170,74 @@ def _check_inputs(q: jax.Array, kv_cache: jax.Array, shapes: _Shapes) -> None:
         raise NotImplementedError(f"pallas_gpu needs a head dim that is a multiple of 64, got {shapes.head_dim}")
 
 
-def _row_bases(md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
+def _num_tiles(num_tokens: int, group: int, max_num_seqs: int) -> int:
+    """Tile slots of a step: each sequence's last tile may be partly empty."""
+    return min(num_tokens, -(-num_tokens // tokens_per_tile(group)) + max_num_seqs)
+
+
+def _num_grouped_rows(num_tokens: int, group: int, max_num_seqs: int) -> int:
+    """Rows of the grouped query layout: every sequence padded to 8 rows, plus a tile of slack so that a
+    64-row tile starting at any sequence's base stays in bounds."""
+    return -(-(num_tokens * group + 8 * max_num_seqs) // 8) * 8 + ROWS
+
+
+def plan_tiles(md: AttentionMetadata, rows: AttentionPlan, num_tokens: int, group: int) -> TilePlan:
+    """The tile table, where each grouped query row comes from, and where each token's output rows are."""
+    num_tiles = _num_tiles(num_tokens, group, md.max_num_seqs)
+    num_rows = _num_grouped_rows(num_tokens, group, md.max_num_seqs)
+    heads = jnp.arange(group)[None, :]
+    t_in_seq = jnp.arange(num_tokens) - md.cu_q_lens[rows.seq]
+    first = _row_bases(md, group)[rows.seq] + t_in_seq * group
+    dest = jnp.where(rows.valid[:, None], first[:, None] + heads, num_rows)  # [T, G]; padding: dropped
+    flat = jnp.arange(num_tokens * group, dtype=jnp.int32).reshape(num_tokens, group)
+    q_source = jnp.full(num_rows, num_tokens * group, jnp.int32).at[dest].set(flat, mode="drop")
+    per_seq = _tiles_per_seq(md, group)
+    first_tile = jnp.cumsum(per_seq) - per_seq
+    out_tile = jnp.minimum(first_tile[rows.seq] + t_in_seq // tokens_per_tile(group), num_tiles - 1)
+    out_row = (t_in_seq % tokens_per_tile(group))[:, None] * group + heads
+    return TilePlan(_tile_table(md, group, num_tiles), q_source, out_tile.astype(jnp.int32),
+                    out_row.astype(jnp.int32))
+
+
+def _row_bases(md: AttentionMetadata, group: int) -> jax.Array:
     """First query row of each sequence in the grouped layout: every sequence starts on a multiple of 8
     rows, because TMA moves 8-row tiles into the swizzled shared memory wgmma reads (an unaligned start
     would leave part of each tile empty)."""
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
     real = jnp.arange(md.max_num_seqs) < md.num_seqs[0]
-    sizes = jnp.where(real, -(-q_lens * shapes.group // 8) * 8, 0)
+    sizes = jnp.where(real, -(-q_lens * group // 8) * 8, 0)
     return jnp.cumsum(sizes) - sizes
 
 
-def _tiles_per_seq(md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
+def _tiles_per_seq(md: AttentionMetadata, group: int) -> jax.Array:
     """Query tiles of each sequence (none for padding sequences)."""
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
-    return jnp.where(jnp.arange(md.max_num_seqs) < md.num_seqs[0], -(-q_lens // shapes.tokens_per_tile), 0)
+    return jnp.where(jnp.arange(md.max_num_seqs) < md.num_seqs[0], -(-q_lens // tokens_per_tile(group)), 0)
 
 
-def _tile_table(md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
+def _tile_table(md: AttentionMetadata, group: int, num_tiles: int) -> jax.Array:
     """Per tile slot `[num_tiles, 6]`: sequence, first grouped query row, token offset in the sequence,
     the sequence's q_len and kv_len, and whether the slot holds a tile (1) or is spare (0)."""
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
-    per_seq = _tiles_per_seq(md, shapes)
+    per_seq = _tiles_per_seq(md, group)
     ends = jnp.cumsum(per_seq)
-    slot = jnp.arange(shapes.num_tiles, dtype=jnp.int32)
+    slot = jnp.arange(num_tiles, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), md.max_num_seqs - 1).astype(jnp.int32)
-    offset = (slot - (ends[seq] - per_seq[seq])) * shapes.tokens_per_tile
-    first_row = _row_bases(md, shapes)[seq] + offset * shapes.group
+    offset = (slot - (ends[seq] - per_seq[seq])) * tokens_per_tile(group)
+    first_row = _row_bases(md, group)[seq] + offset * group
     active = (slot < ends[-1]).astype(jnp.int32)
     return jnp.stack([seq, first_row, offset, q_lens[seq], md.kv_lens[seq], active], axis=1).astype(jnp.int32)
 
 
-def _group_rows(q: jax.Array, md: AttentionMetadata, shapes: _Shapes) -> jax.Array:
+def _group_rows(q: jax.Array, q_source: jax.Array, shapes: _Shapes) -> jax.Array:
     """`[T, H, D]` -> `[KVH, rows, D]`: each KV head's query rows, sequence by sequence from 8-aligned
-    bases, token-major within a sequence (row = base + token * G + g); padded so that a 64-row tile
-    starting at any base stays in bounds."""
+    bases, token-major within a sequence (row = base + token * G + g), gathered by the plan's `q_source`
+    (one gather, where a scatter into zeros would take two kernels)."""
     num_tokens = q.shape[0]
-    num_rows = -(-(num_tokens * shapes.group + 8 * md.max_num_seqs) // 8) * 8 + ROWS
-    seq, _, valid = token_layout(md, num_tokens)
-    first = _row_bases(md, shapes)[seq] + (jnp.arange(num_tokens) - md.cu_q_lens[seq]) * shapes.group
-    rows = jnp.where(valid[:, None], first[:, None] + jnp.arange(shapes.group)[None, :], num_rows)
     grouped = q.reshape(num_tokens, shapes.num_kv_heads, shapes.group, shapes.head_dim).transpose(1, 0, 2, 3)
-    out = jnp.zeros((shapes.num_kv_heads, num_rows, shapes.head_dim), q.dtype)
-    return out.at[:, rows].set(grouped, mode="drop")
+    grouped = grouped.reshape(shapes.num_kv_heads, num_tokens * shapes.group, shapes.head_dim)
+    grouped = jnp.pad(grouped, ((0, 0), (0, 1), (0, 0)))  # the zero row that padding rows take
+    return grouped[:, q_source]
 
 
 def _split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -202,16 +248,10 @@ def _split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi.astype(jnp.bfloat16), (x - hi).astype(jnp.bfloat16)
 
 
-def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q_shape, shapes: _Shapes):
+def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_shape, shapes: _Shapes):
     """Pick each query row out of its tile (merging the KV splits by log-sum-exp) back into `[T, H, D]`;
     padding rows are zero, as in the reference."""
-    num_tokens = q_shape[0]
-    seq, pos, valid = token_layout(md, num_tokens)
-    per_seq = _tiles_per_seq(md, shapes)
-    first_tile = jnp.cumsum(per_seq) - per_seq
-    t_in_seq = jnp.arange(num_tokens) - md.cu_q_lens[seq]
-    tile = jnp.minimum(first_tile[seq] + t_in_seq // shapes.tokens_per_tile, shapes.num_tiles - 1)
-    row = (t_in_seq % shapes.tokens_per_tile)[:, None] * shapes.group + jnp.arange(shapes.group)[None, :]
+    tile, row = plan.kernel.out_tile, plan.kernel.out_row
     heads = jnp.arange(shapes.num_kv_heads)[None, :, None]
     picked = out[:, heads, tile[:, None, None], row[:, None, :]]  # [splits, T, KVH, G, D]
     if lse is None:
@@ -222,7 +262,7 @@ def _gather_rows(out: jax.Array, lse: jax.Array | None, md: AttentionMetadata, q
         top = jnp.where(jnp.isfinite(top), top, 0.0)
         w = jnp.exp2(weights - top)
         merged = jnp.sum(w[..., None] * picked, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[..., None]
-    merged = jnp.where(valid[:, None, None, None], merged, 0.0)
+    merged = jnp.where(plan.valid[:, None, None, None], merged, 0.0)
     return merged.reshape(q_shape)
 
 

@@ -14,6 +14,7 @@ keeps each head's K and V on the same device.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,25 @@ def token_layout(md: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax
     pos = md.kv_lens[seq] - q_lens[seq] + (rows - md.cu_q_lens[seq])
     valid = rows < md.cu_q_lens[md.num_seqs[0]]
     return seq, pos, valid
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """What every layer's attention derives from the batch layout, computed once per step rather than once
+    per layer (on GPUs each derivation is a few kernel launches, and a step has dozens of layers)."""
+
+    seq: jax.Array  # [T] sequence of each query row
+    pos: jax.Array  # [T] its position in that sequence
+    valid: jax.Array  # [T] bool, a real token (not padding)
+    page: jax.Array  # [T] the cache page its K/V go to
+    kernel: Any = None  # the kernel's own tables (the GPU kernel's tiles), None for the others
+
+
+def plan_rows(md: AttentionMetadata, num_tokens: int, page_size: int, kernel: Any = None) -> AttentionPlan:
+    """The per-row part of the plan: `token_layout` and each row's page."""
+    seq, pos, valid = token_layout(md, num_tokens)
+    return AttentionPlan(seq, pos, valid, md.page_indices[seq, pos // page_size], kernel)
 
 
 def kv_cache_shape(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple:

@@ -11,22 +11,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.metadata import AttentionMetadata, token_layout
+from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
 
 _MASKED = -1e30
 
 
 def write_kv(
-    k: jax.Array, v: jax.Array, kv_cache: jax.Array, md: AttentionMetadata, layer: jax.Array | int
+    k: jax.Array, v: jax.Array, kv_cache: jax.Array, md: AttentionMetadata, layer: jax.Array | int,
+    plan: AttentionPlan | None = None,
 ) -> jax.Array:
     """Scatter this step's K/V rows `[T, KVH, D]` into their pages of `kv_cache[layer]`; padding rows are dropped."""
     num_tokens, num_kv_heads, head_dim = k.shape
     page_size = kv_cache.shape[2]
-    seq, pos, valid = token_layout(md, num_tokens)
-    page = md.page_indices[seq, pos // page_size]
-    page = jnp.where(valid, page, kv_cache.shape[1])  # out of range: dropped
+    plan = plan or plan_rows(md, num_tokens, page_size)
+    page = jnp.where(plan.valid, plan.page, kv_cache.shape[1])  # out of range: dropped
     kv = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
-    return kv_cache.at[layer, page, pos % page_size].set(kv.astype(kv_cache.dtype), mode="drop")
+    return kv_cache.at[layer, page, plan.pos % page_size].set(kv.astype(kv_cache.dtype), mode="drop")
 
 
 def attend(
@@ -38,12 +38,14 @@ def attend(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    plan: AttentionPlan | None = None,
 ) -> jax.Array:
     """Attention of query rows `q [T, H, D]` over the pages already holding their sequences' K/V."""
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3] // 2
     group = num_heads // num_kv_heads
-    seq, pos, valid = token_layout(md, num_tokens)
+    plan = plan or plan_rows(md, num_tokens, page_size)
+    seq, pos, valid = plan.seq, plan.pos, plan.valid
     qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
     span = _pages_per_step(num_tokens, kv_cache.shape[2:], md.pages_per_seq)
     block = span * page_size
@@ -103,8 +105,12 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    plan: AttentionPlan | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Write this step's K/V into the cache, then attend; returns `(out [T, H, D], kv_cache')`."""
-    kv_cache = write_kv(k, v, kv_cache, md, layer)
-    out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    """Write this step's K/V into the cache, then attend; returns `(out [T, H, D], kv_cache')`. `plan`: the
+    step's `AttentionPlan` (derived from `md` when not given)."""
+    plan = plan or plan_rows(md, q.shape[0], kv_cache.shape[2])
+    kv_cache = write_kv(k, v, kv_cache, md, layer, plan)
+    out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                 plan=plan)
     return out, kv_cache

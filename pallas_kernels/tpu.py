@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.metadata import AttentionMetadata, token_layout
+from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
 from pallas_kernels.reference import write_kv
 
 _MASKED = -1e30
@@ -56,16 +56,17 @@ def block_sizes() -> BlockSizes:
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           sizes: BlockSizes | None = None):
+                           sizes: BlockSizes | None = None, plan: AttentionPlan | None = None):
     """Same contract as `pallas_kernels.reference.ragged_paged_attention`."""
-    kv_cache = write_kv(k, v, kv_cache, md, layer)
+    plan = plan or plan_rows(md, q.shape[0], kv_cache.shape[2])
+    kv_cache = write_kv(k, v, kv_cache, md, layer, plan)
     out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                 sizes=sizes or block_sizes())
+                 sizes=sizes or block_sizes(), plan=plan)
     return out, kv_cache
 
 
 def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, sliding_window: int | None,
-           soft_cap: float | None, sizes: BlockSizes):
+           soft_cap: float | None, sizes: BlockSizes, plan: AttentionPlan | None = None):
     num_tokens, num_heads, head_dim = q.shape
     page_size = kv_cache.shape[2]
     block_q = sizes.block_q
@@ -96,7 +97,7 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
         interpret=pltpu.InterpretParams() if jax.default_backend() != "tpu" else False,
     )(md.cu_q_lens, md.kv_lens, md.page_indices.reshape(-1), md.num_seqs,
       jnp.asarray(layer, jnp.int32).reshape(1), q_padded, kv_cache)
-    _, _, valid = token_layout(md, num_tokens)
+    valid = (plan or plan_rows(md, num_tokens, page_size)).valid
     return jnp.where(valid[:, None, None], out[:num_tokens], 0).astype(q.dtype)
 
 

@@ -1,10 +1,12 @@
 """The Llama-family decoder in Flax NNX: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
 
 Decoder layers are created once with every parameter stacked on a leading `layers` axis and run with
-`jax.lax.scan`, so compile time does not grow with depth. With `pipeline_stages > 1` the stack is padded to a
-multiple of the stages with identity layers and run as a pipeline (`jaxllm.pipeline`). Attention reads and
-writes the paged KV cache through `pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of
-prefills and decodes, each device on its own heads under tensor parallelism.
+`jax.lax.scan`, so compile time does not grow with depth; on GPUs the scan is unrolled (`unroll_layers`), as
+a looped layer's kernels are launched one by one, each a few microseconds of the host's time. With
+`pipeline_stages > 1` the stack is padded to a multiple of the stages with identity layers and run as a
+pipeline (`jaxllm.pipeline`). Attention reads and writes the paged KV cache through
+`pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of prefills and decodes, each device
+on its own heads under tensor parallelism, with one `plan_attention` per step shared by the layers.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from flax import nnx
 
 import pallas_kernels
 from jaxllm.config import ModelConfig
-from jaxllm.models.layers import apply_rope, pad_stacked, param, rms_norm, rope_inv_freq
+from jaxllm.models.layers import apply_rope, pad_stacked, param, rms_norm, rope_inv_freq, rope_tables
 from jaxllm.parallel import ShardingRules, padded_layers
 from jaxllm.pipeline import run_pipeline
-from pallas_kernels.metadata import AttentionMetadata
+from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
+
+Rope = tuple[jax.Array, jax.Array]
 
 
 class Attention(nnx.Module):
@@ -43,9 +47,8 @@ class Attention(nnx.Module):
             self.k_norm = param(rngs, (d,), ("head_dim",), dt, stack, "ones")
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_cache: jax.Array,
-                 md: AttentionMetadata, layer: jax.Array, backend: str,
-                 block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
+                 layer: jax.Array, backend: str, block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
         k = jnp.einsum("te,ehd->thd", x, self.k_proj[...])
@@ -55,10 +58,10 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out, kv_cache = pallas_kernels.ragged_paged_attention(
             q, k, v, kv_cache, md, layer, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
-            backend=backend, heads_axis=ShardingRules().kv_heads, block_sizes=block_sizes)
+            backend=backend, heads_axis=ShardingRules().kv_heads, block_sizes=block_sizes, plan=plan)
         out = jnp.einsum("thd,hde->te", out, self.o_proj[...])
         if cfg.o_bias:
             out = out + self.o_bias[...]
@@ -90,11 +93,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs, stack)
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, kv_cache: jax.Array,
-                 md: AttentionMetadata, layer: jax.Array, backend: str,
-                 block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
-        h, kv_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), positions, inv_freq, kv_cache, md,
-                                layer, backend, block_sizes)
+    def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
+                 layer: jax.Array, backend: str, block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+        h, kv_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), rope, kv_cache, md, plan, layer,
+                                backend, block_sizes)
         x = x + h
         x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
         return x, kv_cache
@@ -113,6 +115,7 @@ class LlamaForCausalLM(nnx.Module):
         self.attention_backend = pallas_kernels.resolve_backend(attention_backend, cfg.jnp_dtype)
         self.attention_block_sizes = tuple(sorted(attention_block_sizes.items())) if attention_block_sizes else None
         self.pipeline_stages = pipeline_stages
+        self.unroll_layers = unroll_layers()
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         self.layers = DecoderLayer(cfg, rngs, stack=cfg.num_layers)
         if padded_layers(cfg.num_layers, pipeline_stages) != cfg.num_layers:
@@ -141,18 +144,22 @@ class LlamaForCausalLM(nnx.Module):
     def _run_stack(self, graphdef: nnx.GraphDef, stacked: nnx.State, x: jax.Array, positions: jax.Array,
                    kv_cache: jax.Array, md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
         """The layers of `stacked` in order, each on the cache layer of its index in the stack (under the
-        pipeline, a stage's own layers and its own slice of the cache)."""
-        inv_freq = jnp.asarray(rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
+        pipeline, a stage's own layers and its own slice of the cache). What the layers share (the rotary
+        tables, the attention plan) is computed once, before them."""
+        cfg = self.cfg
+        rope = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg.rope, cfg.head_dim)))
+        plan = pallas_kernels.plan_attention(md, x.shape[0], page_size=kv_cache.shape[2],
+                                             group=cfg.num_heads // cfg.num_kv_heads, backend=self.attention_backend)
 
         def one_layer(carry, xs):
             x, kv_cache = carry
             layer_state, index = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, positions, inv_freq, kv_cache, md, index, self.attention_backend,
-                         self.attention_block_sizes), None
+            return layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes), None
 
         depth = jax.tree.leaves(stacked)[0].shape[0]
-        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)))
+        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)),
+                                        unroll=self.unroll_layers)
         return x, kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
@@ -160,6 +167,12 @@ class LlamaForCausalLM(nnx.Module):
         head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         with jax.default_matmul_precision(_matmul_precision(self.cfg)):
             return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+
+
+def unroll_layers() -> bool:
+    """Whether the layer stack is unrolled rather than looped: on GPUs, where each loop iteration launches its
+    kernels one by one, while an unrolled stack lets XLA fuse across layers and reuse what they share."""
+    return jax.default_backend() == "gpu"
 
 
 def _matmul_precision(cfg: ModelConfig) -> str:
