@@ -59,6 +59,7 @@ class LLMEngine:
         num_pages = self._num_pages(mesh)
         logger.info("KV cache: %d pages of %d tokens (%d tokens)", num_pages, config.block_size,
                     num_pages * config.block_size)
+        self.runner.compile_steps(num_pages)
         self.runner.allocate_kv_cache(num_pages)
         self.runner.warmup()
         self.scheduler = Scheduler(BlockPool(num_pages, config.block_size), config.max_num_seqs,

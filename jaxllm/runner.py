@@ -2,7 +2,8 @@
 
 The step (forward pass and sampling) is a single jitted function with the KV cache donated. Its shapes
 come from a fixed set of buckets (padded token count; the sequence count follows it), all compiled at
-start-up, so serving never compiles. Prompt logprobs need logits for every row; that variant is compiled
+start-up, before the KV cache takes the device memory (XLA's autotuner times its GEMM candidates in free
+memory), so serving never compiles. Prompt logprobs need logits for every row; that variant is compiled
 the first time a request asks for them.
 
 Host cost per step is kept small the way vLLM's persistent batch does it: what belongs to a request for its
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 MAX_BANNED = 64  # token ids a row may ban at once (EOS and stop_token_ids under min_tokens)
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 _FLOAT_DEFAULTS = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # padding rows: greedy, no penalties
+# Fields of the int32 staging buffer start on 256-byte boundaries: XLA may hand a field to a kernel as a slice
+# of the buffer, and Mosaic GPU kernels refuse inputs that are not 256-byte aligned.
+_ALIGN = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +73,7 @@ class _Layout:
         fields, offset = [], 0
         for name, shape in shapes:
             fields.append((name, shape, offset))
-            offset += math.prod(shape)
+            offset += -(-math.prod(shape) // _ALIGN) * _ALIGN
         return cls(s, tuple(fields), offset)
 
     def views(self, ints):
@@ -161,6 +165,7 @@ class ModelRunner:
         self._step = jax.jit(self._forward, donate_argnums=(1, 2),
                              static_argnames=("bucket", "num_steps", "with_prompt_logprobs"),
                              out_shardings=(results, results, self.cache_sharding, replicated))
+        self._executables: dict[tuple[int, int, bool], jax.stages.Compiled] = {}  # (bucket, steps, prompt lp)
         self._resets: list[PenaltyReset] = []
         self.channel = distributed.StepChannel() if distributed.is_multiprocess() else None
 
@@ -186,13 +191,26 @@ class ModelRunner:
     def workspace_bytes(self) -> int:
         """Device memory a step needs besides the parameters and the cache, as XLA counts it for the largest
         bucket (vLLM profiles a dummy run for the same reason)."""
-        bucket = self.config.token_buckets()[-1]
-        probe = jax.ShapeDtypeStruct(self._cache_shape(self.pages_per_seq), self.model_config.jnp_dtype,
-                                     sharding=self.cache_sharding)
-        staging = self._staging[bucket]
-        compiled = self._step.lower(self.params, probe, self.penalties, staging.ints, staging.floats, bucket=bucket,
-                                    num_steps=1, with_prompt_logprobs=False).compile()
+        compiled = self._compile(self.config.token_buckets()[-1], 1, False, self.pages_per_seq)
         return int(compiled.memory_analysis().temp_size_in_bytes)
+
+    def _compile(self, bucket: int, num_steps: int, with_prompt_logprobs: bool, num_pages: int):
+        """The step compiled ahead of time for a cache of `num_pages` pages (the cache need not exist yet)."""
+        cache = jax.ShapeDtypeStruct(self._cache_shape(num_pages), self.model_config.jnp_dtype,
+                                     sharding=self._cache_sharding(num_pages))
+        staging = self._staging[bucket]
+        return self._step.lower(self.params, cache, self.penalties, staging.ints, staging.floats, bucket=bucket,
+                                num_steps=num_steps, with_prompt_logprobs=with_prompt_logprobs).compile()
+
+    def compile_steps(self, num_pages: int) -> None:
+        """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is
+        allocated: the single step of each bucket and the multi-step decode of each bucket a decode batch
+        can take."""
+        variants = [(b, 1) for b in self.config.token_buckets()]
+        if self.num_scheduler_steps > 1:
+            variants += [(b, self.num_scheduler_steps) for b in self._decode_buckets()]
+        for bucket, num_steps in tqdm(variants, desc="compiling step buckets", unit="bucket"):
+            self._executables[(bucket, num_steps, False)] = self._compile(bucket, num_steps, False, num_pages)
 
     def _forward(self, params, kv_cache, penalties: PenaltyState, ints, floats, bucket: int, num_steps: int,
                  with_prompt_logprobs: bool):
@@ -240,17 +258,12 @@ class ModelRunner:
         return results, None, kv_cache, penalties
 
     def warmup(self) -> None:
-        """Compile every bucket now (with a progress bar) so that serving never waits on the compiler: the
-        single step of each bucket, the multi-step decode of each bucket a decode batch can take, and the
-        penalty-row reset."""
-        variants = [(b, 1) for b in self.config.token_buckets()]
-        if self.num_scheduler_steps > 1:
-            variants += [(b, self.num_scheduler_steps) for b in self._decode_buckets()]
-        for bucket, num_steps in tqdm(variants, desc="compiling step buckets", unit="bucket"):
+        """Run every compiled variant once on the allocated cache (first runs set up what the device keeps
+        between runs), and compile the penalty-row reset, so that serving never waits."""
+        for (bucket, num_steps, _), executable in self._executables.items():
             staging = self._staging[bucket]
-            result, _, self.kv_cache, self.penalties = self._step(
-                self.params, self.kv_cache, self.penalties, staging.ints, staging.floats, bucket=bucket,
-                num_steps=num_steps, with_prompt_logprobs=False)
+            result, _, self.kv_cache, self.penalties = executable(self.params, self.kv_cache, self.penalties,
+                                                                  staging.ints, staging.floats)
             jax.block_until_ready(result.tokens)
         self.penalties = self._reset_row(self.penalties, np.int32(0), np.full(self.max_model_len, -1, np.int32),
                                          np.int32(0))
@@ -286,10 +299,11 @@ class ModelRunner:
         for reset in message.resets:
             self.penalties = self._reset_row(self.penalties, np.int32(reset.slot), reset.tokens,
                                              np.int32(reset.num_prompt_tokens))
-        result, prompt, self.kv_cache, self.penalties = self._step(
-            self.params, self.kv_cache, self.penalties, jax.device_put(message.ints),
-            jax.device_put(message.floats), bucket=message.bucket, num_steps=message.num_steps,
-            with_prompt_logprobs=message.with_prompt_logprobs)
+        key = (message.bucket, message.num_steps, message.with_prompt_logprobs)
+        if key not in self._executables:  # prompt logprobs: compiled on first use
+            self._executables[key] = self._compile(*key, self.kv_cache.shape[1])
+        result, prompt, self.kv_cache, self.penalties = self._executables[key](
+            self.params, self.kv_cache, self.penalties, jax.device_put(message.ints), jax.device_put(message.floats))
         return result, prompt
 
     @staticmethod

@@ -151,17 +151,17 @@ class LlamaForCausalLM(nnx.Module):
         plan = pallas_kernels.plan_attention(md, x.shape[0], page_size=kv_cache.shape[2],
                                              group=cfg.num_heads // cfg.num_kv_heads, backend=self.attention_backend)
 
-        def one_layer(carry, index):
+        def one_layer(carry, xs):
             x, kv_cache = carry
-            layer = nnx.merge(graphdef, jax.tree.map(lambda w: w[index], stacked))
+            layer_state, index = xs
+            layer = nnx.merge(graphdef, layer_state)
             return layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes), None
 
-        indices = jnp.arange(jax.tree.leaves(stacked)[0].shape[0])
-        if self.unroll_layers:
-            # Opaque indices keep each layer's weights a dynamic slice of the stack. A static slice would be
-            # fused into the GEMMs, whose autotuning then allocates buffers the size of the whole stack.
-            indices = jax.lax.optimization_barrier(indices)
-        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), indices, unroll=self.unroll_layers)
+        # The weights go in as the scan's xs: sliced by the loop counter, XLA's GEMMs read them in place
+        # (slicing by another index made XLA copy every layer's weights first).
+        depth = jax.tree.leaves(stacked)[0].shape[0]
+        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)),
+                                        unroll=self.unroll_layers)
         return x, kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
