@@ -2,9 +2,7 @@
 64 tokens after a 512-token prompt (Llama-3.1-8B shape, random bfloat16 weights), recorded with CUPTI and
 summed by kernel name, against the wall time of the same generate call.
 
-    python benchmarks/profile_decode.py [--num-scheduler-steps N] [--scan-layers]
-
-`--scan-layers` keeps the layer loop a `lax.scan` on the GPU (the default there unrolls it), to compare.
+    python benchmarks/profile_decode.py [--num-scheduler-steps N]
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import time
 import numpy as np
 from jax.experimental.mosaic.gpu import profiler
 
-import jaxllm.models.llama as llama
 from jaxllm import LLM, SamplingParams
 from jaxllm.bench.presets import random_weights_dir
 
@@ -38,10 +35,7 @@ def cupti_kernels(fn) -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
-    parser.add_argument("--scan-layers", action="store_true")
     args = parser.parse_args()
-    if args.scan_layers:
-        llama.unroll_layers = lambda: False
     start = time.perf_counter()
     llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
               num_scheduler_steps=args.num_scheduler_steps)
@@ -58,8 +52,7 @@ def main() -> None:
         totals[name[:90]] += ms
         counts[name[:90]] += 1
     gpu_ms = sum(totals.values())
-    layers = "scanned" if args.scan_layers else "unrolled"
-    print(f"num_scheduler_steps={args.num_scheduler_steps}, layers {layers}: wall {wall / TOKENS * 1e3:.2f} ms/token, "
+    print(f"num_scheduler_steps={args.num_scheduler_steps}: wall {wall / TOKENS * 1e3:.2f} ms/token, "
           f"GPU busy {gpu_ms / TOKENS:.2f} ms/token, {len(kernels) / TOKENS:.0f} kernels/token")
     print("| kernel | ms/token | launches/token |")
     print("| --- | --- | --- |")

@@ -49,23 +49,6 @@ def test_paged_decode_matches_transformers(tiny, page_size):
         out = runner.step(feeds, pad_tokens=2)
 
 
-def test_unrolled_layer_stack_matches_transformers(tiny, monkeypatch):
-    """The unrolled stack GPUs run (`unroll_layers`) computes what the scanned one does, prefill and decode."""
-    import jaxllm.models.llama as llama
-
-    monkeypatch.setattr(llama, "unroll_layers", lambda: True)
-    name, path, hf = tiny
-    model = load_model(str(path), dtype="float32").model
-    assert model.unroll_layers
-    runner = PagedRunner(model, page_size=4)
-    out = runner.step({0: PROMPTS[0], 1: PROMPTS[1]})
-    tokens = PROMPTS[1] + [int(out[1][-1].argmax())]
-    out = runner.step({1: tokens[-1:]}, pad_tokens=3)
-    np.testing.assert_allclose(out[1][-1], hf_logits(hf, tokens)[-1], rtol=1e-4, atol=1e-4, err_msg=name)
-    np.testing.assert_allclose(runner.step({0: [5]})[0][-1], hf_logits(hf, PROMPTS[0] + [5])[-1], rtol=1e-4,
-                               atol=1e-4, err_msg=name)
-
-
 def test_bfloat16_weights_and_cache(tiny):
     name, path, hf = tiny
     loaded = load_model(str(path), dtype="bfloat16")

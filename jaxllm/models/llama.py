@@ -1,12 +1,12 @@
 """The Llama-family decoder in Flax NNX: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
 
 Decoder layers are created once with every parameter stacked on a leading `layers` axis and run with
-`jax.lax.scan`, so compile time does not grow with depth; on GPUs the scan is unrolled (`unroll_layers`), as
-a looped layer's kernels are launched one by one, each a few microseconds of the host's time. With
-`pipeline_stages > 1` the stack is padded to a multiple of the stages with identity layers and run as a
-pipeline (`jaxllm.pipeline`). Attention reads and writes the paged KV cache through
-`pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of prefills and decodes, each device
-on its own heads under tensor parallelism, with one `plan_attention` per step shared by the layers.
+`jax.lax.scan`, so compile time does not grow with depth (unrolled, an 8B model's step took 55 s to compile
+on an H100 and XLA copied the KV cache between layers). With `pipeline_stages > 1` the stack is padded to a
+multiple of the stages with identity layers and run as a pipeline (`jaxllm.pipeline`). Attention reads and
+writes the paged KV cache through `pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of
+prefills and decodes, each device on its own heads under tensor parallelism, with one `plan_attention` per
+step shared by the layers.
 """
 
 from __future__ import annotations
@@ -115,7 +115,6 @@ class LlamaForCausalLM(nnx.Module):
         self.attention_backend = pallas_kernels.resolve_backend(attention_backend, cfg.jnp_dtype)
         self.attention_block_sizes = tuple(sorted(attention_block_sizes.items())) if attention_block_sizes else None
         self.pipeline_stages = pipeline_stages
-        self.unroll_layers = unroll_layers()
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
         self.layers = DecoderLayer(cfg, rngs, stack=cfg.num_layers)
         if padded_layers(cfg.num_layers, pipeline_stages) != cfg.num_layers:
@@ -160,8 +159,7 @@ class LlamaForCausalLM(nnx.Module):
         # The weights go in as the scan's xs: sliced by the loop counter, XLA's GEMMs read them in place
         # (slicing by another index made XLA copy every layer's weights first).
         depth = jax.tree.leaves(stacked)[0].shape[0]
-        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)),
-                                        unroll=self.unroll_layers)
+        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)))
         return x, kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
@@ -169,12 +167,6 @@ class LlamaForCausalLM(nnx.Module):
         head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         with jax.default_matmul_precision(_matmul_precision(self.cfg)):
             return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
-
-
-def unroll_layers() -> bool:
-    """Whether the layer stack is unrolled rather than looped: on GPUs, where each loop iteration launches its
-    kernels one by one, while an unrolled stack lets XLA fuse across layers and reuse what they share."""
-    return jax.default_backend() == "gpu"
 
 
 def _matmul_precision(cfg: ModelConfig) -> str:
