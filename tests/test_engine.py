@@ -164,3 +164,15 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, prompt, para
         llm.generate(["fine prompt", prompt], params, use_tqdm=False)
     assert_all_pages_free(llm)
     assert llm.generate(RAW[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_staging_fields_start_256_byte_aligned():
+    """XLA may hand a field of the int32 staging buffer (the page table, say) to a kernel as a slice of the
+    buffer, and Mosaic GPU kernels refuse inputs that are not 256-byte aligned (found on an H100)."""
+    from jaxllm.runner import _Layout
+
+    layout = _Layout.of(48, 16, 37)
+    ends = [offset + int(np.prod(shape)) for _, shape, offset in layout.fields]
+    assert all(offset * 4 % 256 == 0 for _, _, offset in layout.fields)
+    assert all(end <= start for end, (_, _, start) in zip(ends, layout.fields[1:]))  # no overlap
+    assert ends[-1] <= layout.size

@@ -95,3 +95,41 @@ def _chosen_logprobs(output) -> list[float]:
     completion = output.outputs[0]
     return prompt + [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
 
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Names of every primitive in `jaxpr` and the jaxprs nested in its equations."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _primitives(inner)
+    return names
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+def test_layers_share_the_step_plan(tmp_path, backend):
+    """What the batch layout implies (rows' sequences and pages, rotary angles, the GPU kernel's tiles and row
+    maps) is computed once per step, before the layer loop: the loop body holds no cumulative sum (row bases,
+    tile table) and no sin or cos (rotary tables). On GPUs each would be a kernel launch per layer."""
+    import jax
+
+    from jaxllm.model_loader import load_model
+
+    make_tiny("llama", tmp_path, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    model = load_model(str(tmp_path), dtype="bfloat16", attention_backend=backend).model
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    _, _, _, cache, md = random_batch(rng, [3, 1], [9, 20], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16,
+                                      max_seqs=3)
+    cache = jnp.zeros((cfg.num_layers, *cache.shape[1:]), jnp.bfloat16)
+    step = jax.make_jaxpr(lambda tokens, positions, cache, md: model(tokens, positions, cache, md))
+    jaxpr = step(jnp.zeros(4, jnp.int32), jnp.arange(4), cache, md).jaxpr
+    loops = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+    assert len(loops) == 1
+    body = _primitives(loops[0].params["jaxpr"].jaxpr)
+    assert "dot_general" in body  # the layers are in there
+    assert not body & {"cumsum", "sin", "cos"}, body & {"cumsum", "sin", "cos"}
