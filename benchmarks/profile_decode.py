@@ -2,13 +2,18 @@
 64 tokens after a 512-token prompt (Llama-3.1-8B shape, random bfloat16 weights), recorded with CUPTI and
 summed by kernel name, against the wall time of the same generate call.
 
-    python benchmarks/profile_decode.py [--num-scheduler-steps N]
+    python benchmarks/profile_decode.py [--num-scheduler-steps N] [--max-num-batched-tokens N]
+        [--max-num-seqs N] [--output-json PATH]
+
+Smaller `--max-num-batched-tokens` / `--max-num-seqs` compile fewer buckets (a batch-1 decode uses the
+smallest); `benchmarks/decode_xla_flags.py` runs this script under several `XLA_FLAGS`.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import time
 
 import numpy as np
@@ -35,11 +40,16 @@ def cupti_kernels(fn) -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--output-json")
     args = parser.parse_args()
     start = time.perf_counter()
     llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
-              num_scheduler_steps=args.num_scheduler_steps)
-    print(f"engine ready in {time.perf_counter() - start:.1f} s (random weights, every bucket compiled)")
+              num_scheduler_steps=args.num_scheduler_steps, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_num_seqs=args.max_num_seqs)
+    ready_s = time.perf_counter() - start
+    print(f"engine ready in {ready_s:.1f} s (random weights, every bucket compiled)")
     prompt = [{"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, 512).tolist()}]
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=TOKENS)
     llm.generate(prompt, params, use_tqdm=False)  # warm: every program used below is compiled
@@ -58,6 +68,12 @@ def main() -> None:
     print("| --- | --- | --- |")
     for name, ms in totals.most_common(18):
         print(f"| {name} | {ms / TOKENS:.3f} | {counts[name] / TOKENS:.1f} |")
+    if args.output_json:
+        summary = {"wall_ms_per_token": wall / TOKENS * 1e3, "gpu_busy_ms_per_token": gpu_ms / TOKENS,
+                   "kernels_per_token": len(kernels) / TOKENS, "engine_ready_s": ready_s,
+                   "top_kernels": {n: [ms / TOKENS, counts[n] / TOKENS] for n, ms in totals.most_common(18)}}
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""Batch-1 decode (Llama-3.1-8B shape, random bfloat16 weights) under several XLA GPU command-buffer settings,
+each in its own process: `benchmarks/profile_decode.py` with a small engine (buckets up to 512 tokens, 16
+sequences) and the variant's `XLA_FLAGS`. Prints wall and GPU-busy ms per token and kernels per token.
+
+XLA records CUDA graphs ("command buffers") for runs of fusions, GEMMs and custom calls by default and, by
+default, updates every recorded node on every run (`ALWAYS_UPDATE`); in the layer scan each iteration's
+weights sit at new addresses. The variants: command buffers off; the scan itself as one unrolled CUDA graph
+(`WHILE` captured, `xla_gpu_command_buffer_unroll_loops`); and the same skipping updates of nodes whose
+buffers did not move (`SKIP_TEMP`).
+
+    python benchmarks/decode_xla_flags.py [--variants default off ...] [--timeout 240]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CAPTURE_LOOPS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL"
+VARIANTS = {
+    "default": "",
+    "off": "--xla_gpu_enable_command_buffer=",
+    "unrolled_graph": f"{CAPTURE_LOOPS} --xla_gpu_command_buffer_unroll_loops=true",
+    "unrolled_graph_skip_temp": f"{CAPTURE_LOOPS} --xla_gpu_command_buffer_unroll_loops=true "
+                                "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
+}
+PROFILE = Path(__file__).resolve().parent / "profile_decode.py"
+
+
+def run(name: str, flags: str, timeout: float) -> dict:
+    """One variant in a fresh process; its summary, or why there is none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "summary.json"
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+        command = [sys.executable, str(PROFILE), "--max-num-batched-tokens", "512", "--max-num-seqs", "16",
+                   "--output-json", str(out)]
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no result within {timeout:.0f} s"}
+        if done.returncode != 0 or not out.exists():
+            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--timeout", type=float, default=240)
+    parser.add_argument("--output-json")
+    args = parser.parse_args()
+    results = {}
+    print("| variant | wall ms/token | GPU busy ms/token | kernels/token | engine ready s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in args.variants:
+        r = results[name] = run(name, VARIANTS[name], args.timeout)
+        if "error" in r:
+            print(f"| {name} | {r['error'][:150]} | | | |", flush=True)
+        else:
+            print(f"| {name} | {r['wall_ms_per_token']:.2f} | {r['gpu_busy_ms_per_token']:.2f} | "
+                  f"{r['kernels_per_token']:.0f} | {r['engine_ready_s']:.1f} |", flush=True)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"flags": VARIANTS, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
