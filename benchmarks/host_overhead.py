@@ -94,16 +94,17 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
     parser.add_argument("--num-scheduler-steps", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=2048, help="sets the page table's width")
     args = parser.parse_args()
     path = Path(tempfile.mkdtemp()) / "tiny-llama"
-    make_tiny("llama", path, max_position_embeddings=2048)
+    make_tiny("llama", path, max_position_embeddings=args.max_model_len)
     extra = {} if args.num_scheduler_steps is None else {"num_scheduler_steps": args.num_scheduler_steps}
-    llm = LLM(str(path), max_model_len=2048, max_num_seqs=max(args.batches), max_num_batched_tokens=2048,
+    llm = LLM(str(path), max_model_len=args.max_model_len, max_num_seqs=max(args.batches), max_num_batched_tokens=2048,
               skip_tokenizer_init=True, num_gpu_blocks_override=24_000, compilation_cache_dir=tempfile.mkdtemp(),
               **extra)
     timer = StepTimer(llm.llm_engine.runner)
     print(f"tiny Llama (vocab {llm.llm_engine.model_config.vocab_size}), context {CONTEXT}, "
-          f"max_model_len 2048, max_num_batched_tokens 2048, {jax.devices()[0].platform}")
+          f"max_model_len {args.max_model_len}, max_num_batched_tokens 2048, {jax.devices()[0].platform}")
     print("batch | step ms | prep ms | call ms | host ms | tokens/seq/step | host ms per token")
     for batch in args.batches:
         r = decode_batch(llm, timer, batch, args.steps)

@@ -156,7 +156,7 @@ class PenaltyReset:
 @dataclasses.dataclass(frozen=True)
 class StepMessage:
     """One runner step as the devices see it: which program (bucket, num_steps, prompt logprobs) and its
-    packed host inputs (`_Staging.ints` / `.floats`), after the penalty resets."""
+    packed host inputs (`_Staging.ints` / `.floats`), after the penalty resets and the page-table updates."""
 
     bucket: int
     num_steps: int
@@ -164,6 +164,7 @@ class StepMessage:
     ints: np.ndarray
     floats: np.ndarray
     resets: tuple[PenaltyReset, ...] = ()
+    page_updates: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))  # [N, 3]
 
 
 @dataclasses.dataclass(frozen=True)

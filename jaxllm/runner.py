@@ -7,7 +7,8 @@ memory), so serving never compiles. Prompt logprobs need logits for every row; t
 the first time a request asks for them.
 
 Host cost per step is kept small the way vLLM's persistent batch does it: what belongs to a request for its
-whole run (sampling settings, seed, banned ids, page table) sits in per-slot host tables filled once, and
+whole run (sampling settings, seed, banned ids) sits in per-slot host tables filled once, the page table
+lives on the device with a row per slot (a step sends only the pages handed out since the last one), and
 the token statistics of the penalties stay on the device (`PenaltyState`), so a step gathers rows by slot
 into two reused flat staging buffers (int32 and float32) and transfers just those two. A decode-only batch
 can run `num_scheduler_steps` steps in one call: a loop inside the compiled step feeds each sampled token
@@ -52,6 +53,7 @@ _FLOAT_DEFAULTS = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # paddin
 # Fields of the int32 staging buffer start on 256-byte boundaries: XLA may hand a field to a kernel as a slice
 # of the buffer, and Mosaic GPU kernels refuse inputs that are not 256-byte aligned.
 _ALIGN = 64
+PAGE_UPDATES = 256  # (slot, column, page) entries written into the device page table per update call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +66,12 @@ class _Layout:
     size: int
 
     @classmethod
-    def of(cls, num_tokens: int, num_seqs: int, pages_per_seq: int) -> "_Layout":
+    def of(cls, num_tokens: int, num_seqs: int) -> "_Layout":
         t, s = num_tokens, num_seqs
         shapes = [("tokens", (t,)), ("next_tokens", (t,)), ("cu_q_lens", (s + 1,)), ("kv_lens", (s,)),
                   ("logits_indices", (s,)), ("slots", (s,)), ("top_k", (s,)), ("seeds", (s,)), ("steps", (s,)),
                   ("min_tokens", (s,)), ("step_limits", (s,)), ("keep", (s,)), ("num_seqs", (1,)),
-                  ("want_logprobs", (1,)), ("page_indices", (s, pages_per_seq)), ("banned", (s, MAX_BANNED))]
+                  ("want_logprobs", (1,)), ("banned", (s, MAX_BANNED))]
         fields, offset = [], 0
         for name, shape in shapes:
             fields.append((name, shape, offset))
@@ -95,14 +97,17 @@ class StepBatch:
     sampling: SamplingInputs
 
     @classmethod
-    def unpack(cls, layout: _Layout, ints: jax.Array, floats: jax.Array) -> "StepBatch":
+    def unpack(cls, layout: _Layout, ints: jax.Array, floats: jax.Array, page_table: jax.Array) -> "StepBatch":
+        """The step's inputs; each sequence's pages are its slot's row of the device page table (padding rows
+        take the spare all-zero row past the slots)."""
         v = layout.views(ints)
         f = dict(zip(FLOAT_FIELDS, floats))
         sampling = SamplingInputs(
             f["temperature"], f["top_p"], v["top_k"], f["min_p"], f["presence_penalty"], f["frequency_penalty"],
             f["repetition_penalty"], jax.lax.bitcast_convert_type(v["seeds"], jnp.uint32), v["steps"], v["slots"],
             v["min_tokens"], v["banned"], v["want_logprobs"][0] > 0)
-        md = AttentionMetadata(v["cu_q_lens"], v["kv_lens"], v["page_indices"], v["num_seqs"])
+        pages = jnp.take(page_table, v["slots"], axis=0, mode="clip")
+        md = AttentionMetadata(v["cu_q_lens"], v["kv_lens"], pages, v["num_seqs"])
         return cls(v["tokens"], md, v["logits_indices"], v["next_tokens"], v["keep"] > 0, v["step_limits"], sampling)
 
 
@@ -157,8 +162,13 @@ class ModelRunner:
         rows, vocab = config.max_num_seqs, self.model_config.vocab_size
         self.penalties: PenaltyState = jax.jit(lambda: empty_penalty_state(rows, vocab), out_shardings=replicated)()
         self._reset_row = jax.jit(reset_row, donate_argnums=(0,), out_shardings=replicated)
-        self.slots = _SlotTable.empty(rows, self.pages_per_seq)
-        self._layouts = {b: _Layout.of(b, config.seq_bucket(b), self.pages_per_seq) for b in config.token_buckets()}
+        # A row per slot and a spare all-zero row for padding sequences.
+        self.page_table = jax.jit(lambda: jnp.zeros((rows + 1, self.pages_per_seq), jnp.int32),
+                                  out_shardings=replicated)()
+        self._set_pages = jax.jit(_set_pages, donate_argnums=(0,), out_shardings=replicated)
+        self._page_updates: list[np.ndarray] = []
+        self.slots = _SlotTable.empty(rows)
+        self._layouts = {b: _Layout.of(b, config.seq_bucket(b)) for b in config.token_buckets()}
         self._staging = {b: _Staging.empty(layout, rows) for b, layout in self._layouts.items()}
         # Across hosts the results must be replicated, so that process 0 holds them whole.
         results = replicated if distributed.is_multiprocess() else None
@@ -199,8 +209,9 @@ class ModelRunner:
         cache = jax.ShapeDtypeStruct(self._cache_shape(num_pages), self.model_config.jnp_dtype,
                                      sharding=self._cache_sharding(num_pages))
         staging = self._staging[bucket]
-        return self._step.lower(self.params, cache, self.penalties, staging.ints, staging.floats, bucket=bucket,
-                                num_steps=num_steps, with_prompt_logprobs=with_prompt_logprobs).compile()
+        return self._step.lower(self.params, cache, self.penalties, self.page_table, staging.ints, staging.floats,
+                                bucket=bucket, num_steps=num_steps,
+                                with_prompt_logprobs=with_prompt_logprobs).compile()
 
     def compile_steps(self, num_pages: int) -> None:
         """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is
@@ -212,10 +223,10 @@ class ModelRunner:
         for bucket, num_steps in tqdm(variants, desc="compiling step buckets", unit="bucket"):
             self._executables[(bucket, num_steps, False)] = self._compile(bucket, num_steps, False, num_pages)
 
-    def _forward(self, params, kv_cache, penalties: PenaltyState, ints, floats, bucket: int, num_steps: int,
-                 with_prompt_logprobs: bool):
+    def _forward(self, params, kv_cache, penalties: PenaltyState, page_table, ints, floats, bucket: int,
+                 num_steps: int, with_prompt_logprobs: bool):
         model = nnx.merge(self.graphdef, params)
-        batch = StepBatch.unpack(self._layouts[bucket], ints, floats)
+        batch = StepBatch.unpack(self._layouts[bucket], ints, floats, page_table)
         if num_steps > 1:
             return self._decode_loop(model, kv_cache, penalties, batch, num_steps)
         hidden, kv_cache = model(batch.tokens, _positions(batch.md, bucket), kv_cache, batch.md)
@@ -263,8 +274,9 @@ class ModelRunner:
         for (bucket, num_steps, _), executable in self._executables.items():
             staging = self._staging[bucket]
             result, _, self.kv_cache, self.penalties = executable(self.params, self.kv_cache, self.penalties,
-                                                                  staging.ints, staging.floats)
+                                                                  self.page_table, staging.ints, staging.floats)
             jax.block_until_ready(result.tokens)
+        self._write_pages(np.zeros((0, 3), np.int32))
         self.penalties = self._reset_row(self.penalties, np.int32(0), np.full(self.max_model_len, -1, np.int32),
                                          np.int32(0))
 
@@ -282,8 +294,11 @@ class ModelRunner:
         bucket = self._bucket(out.num_tokens)
         staging = self._staging[bucket]
         want_logprobs = self._pack(out, staging, want_prompt)
-        message = StepMessage(bucket, num_steps, want_prompt, staging.ints, staging.floats, tuple(self._resets))
+        pages = np.concatenate(self._page_updates) if self._page_updates else np.zeros((0, 3), np.int32)
+        message = StepMessage(bucket, num_steps, want_prompt, staging.ints, staging.floats, tuple(self._resets),
+                              pages)
         self._resets.clear()
+        self._page_updates.clear()
         if self.channel is None:
             return self._fetch(*self._run(message), want_logprobs)
         self.channel.publish(message)
@@ -294,17 +309,28 @@ class ModelRunner:
                              f"({distributed.message_of(e)})")
 
     def _run(self, message: StepMessage) -> tuple[SampleResult, PromptLogprobs | None]:
-        """Dispatch one step on the devices: the penalty resets, then the compiled step. The leader and every
-        follower run exactly this, in the same order."""
+        """Dispatch one step on the devices: the penalty resets and page-table updates, then the compiled step.
+        The leader and every follower run exactly this, in the same order."""
         for reset in message.resets:
             self.penalties = self._reset_row(self.penalties, np.int32(reset.slot), reset.tokens,
                                              np.int32(reset.num_prompt_tokens))
+        if len(message.page_updates):
+            self._write_pages(message.page_updates)
         key = (message.bucket, message.num_steps, message.with_prompt_logprobs)
         if key not in self._executables:  # prompt logprobs: compiled on first use
             self._executables[key] = self._compile(*key, self.kv_cache.shape[1])
         result, prompt, self.kv_cache, self.penalties = self._executables[key](
-            self.params, self.kv_cache, self.penalties, jax.device_put(message.ints), jax.device_put(message.floats))
+            self.params, self.kv_cache, self.penalties, self.page_table, jax.device_put(message.ints),
+            jax.device_put(message.floats))
         return result, prompt
+
+    def _write_pages(self, updates: np.ndarray) -> None:
+        """Write `(slot, column, page)` rows into the device page table, `PAGE_UPDATES` at a time (the last
+        call padded with rows past the table, which are dropped); with none, compiles the update."""
+        for start in range(0, max(len(updates), 1), PAGE_UPDATES):
+            chunk = np.full((PAGE_UPDATES, 3), self.page_table.shape[0], np.int32)
+            chunk[:len(updates) - start] = updates[start:start + PAGE_UPDATES]
+            self.page_table = self._set_pages(self.page_table, chunk)
 
     @staticmethod
     def _fetch(result: SampleResult, prompt: PromptLogprobs | None, want_logprobs: bool) -> StepOutput:
@@ -329,7 +355,9 @@ class ModelRunner:
         for chunk in out.chunks:
             if chunk.new:
                 self._take_slot(chunk.request)
-            self.slots.sync_pages(chunk.request)
+            new_pages = self.slots.sync_pages(chunk.request)
+            if new_pages is not None:
+                self._page_updates.append(new_pages)
         return staging.fill(out, self.slots, want_prompt)
 
     def _take_slot(self, request: Request) -> None:
@@ -339,6 +367,11 @@ class ModelRunner:
             tokens = np.full(self.max_model_len, -1, np.int32)
             tokens[:len(request.token_ids)] = request.token_ids
             self._resets.append(PenaltyReset(request.slot, tokens, request.num_prompt_tokens))
+
+
+def _set_pages(table: jax.Array, updates: jax.Array) -> jax.Array:
+    """`table[slot, column] = page` for each row of `updates [N, 3]` (rows past the table are dropped)."""
+    return table.at[updates[:, 0], updates[:, 1]].set(updates[:, 2], mode="drop")
 
 
 @dataclasses.dataclass
@@ -351,15 +384,13 @@ class _SlotTable:
     min_tokens: np.ndarray  # [R]
     want_logprobs: np.ndarray  # [R] bool
     banned: np.ndarray  # [R, MAX_BANNED]
-    pages: np.ndarray  # [R, pages_per_seq] page table
-    num_pages: np.ndarray  # [R] pages of the row already in `pages`
+    num_pages: np.ndarray  # [R] pages of the slot's request already sent to the device page table
 
     @classmethod
-    def empty(cls, rows: int, pages_per_seq: int) -> "_SlotTable":
+    def empty(cls, rows: int) -> "_SlotTable":
         zeros = np.zeros(rows, np.int32)
         return cls(np.repeat(_FLOAT_DEFAULTS[:, None], rows, axis=1), zeros.copy(), zeros.copy(), zeros.copy(),
-                   np.zeros(rows, bool), np.full((rows, MAX_BANNED), -1, np.int32),
-                   np.zeros((rows, pages_per_seq), np.int32), zeros.copy())
+                   np.zeros(rows, bool), np.full((rows, MAX_BANNED), -1, np.int32), zeros.copy())
 
     def assign(self, request: Request) -> bool:
         """Write `request`'s rows into its slot; returns whether it uses penalties."""
@@ -374,12 +405,16 @@ class _SlotTable:
         self.num_pages[slot] = 0
         return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
-    def sync_pages(self, request: Request) -> None:
-        """Copy the pages the request got since the last step (a running request's pages only grow)."""
-        slot, have = request.slot, self.num_pages[request.slot]
-        if len(request.pages) > have:
-            self.pages[slot, have:len(request.pages)] = request.pages[have:]
-            self.num_pages[slot] = len(request.pages)
+    def sync_pages(self, request: Request) -> np.ndarray | None:
+        """`(slot, column, page)` rows of the pages the request got since the last step, None if none (a
+        running request's pages only grow; a request taking a slot starts from none)."""
+        slot, have = request.slot, int(self.num_pages[request.slot])
+        if len(request.pages) == have:
+            return None
+        new = np.asarray(request.pages[have:], np.int32)
+        self.num_pages[slot] = len(request.pages)
+        return np.stack([np.full(len(new), slot, np.int32), np.arange(have, have + len(new), dtype=np.int32), new],
+                        axis=1)
 
 
 @dataclasses.dataclass
@@ -420,7 +455,6 @@ class _Staging:
         self._rows("steps", np.fromiter((c.request.num_output_tokens for c in chunks), np.int32, n), 0)
         self._rows("step_limits", np.fromiter((c.num_steps for c in chunks), np.int32, n), 0)
         self._rows("keep", np.fromiter((c.completes for c in chunks), np.int32, n), 0)
-        v["page_indices"][:n] = table.pages[slots]
         v["banned"][:n] = table.banned[slots]
         v["num_seqs"][0] = n
         want_logprobs = bool(table.want_logprobs[slots].any())

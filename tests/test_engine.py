@@ -171,8 +171,26 @@ def test_staging_fields_start_256_byte_aligned():
     buffer, and Mosaic GPU kernels refuse inputs that are not 256-byte aligned (found on an H100)."""
     from jaxllm.runner import _Layout
 
-    layout = _Layout.of(48, 16, 37)
+    layout = _Layout.of(48, 16)
     ends = [offset + int(np.prod(shape)) for _, shape, offset in layout.fields]
     assert all(offset * 4 % 256 == 0 for _, _, offset in layout.fields)
     assert all(end <= start for end, (_, _, start) in zip(ends, layout.fields[1:]))  # no overlap
     assert ends[-1] <= layout.size
+
+
+def test_steps_send_only_new_pages(llm, monkeypatch):
+    """The page table lives on the device, a row per slot: a step sends only the pages handed out since the
+    last one (else every step would send the whole `[sequences, max_model_len / page]` table, 8 MiB per step
+    for 256 sequences of Llama-3.1's 131,072 tokens). Each page of a request goes once, at its first step."""
+    runner, page = llm.llm_engine.runner, llm.llm_engine.config.block_size
+    sent, run = [], runner._run
+    monkeypatch.setattr(runner, "_run", lambda message: (sent.append(message.page_updates.copy()), run(message))[1])
+    prompt, new = list(range(5, 45)), 30
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=new, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == new
+    counts = [len(s) for s in sent]
+    assert counts[0] == -(-len(prompt) // page)  # the prompt's pages with the prefill
+    assert sum(counts) == -(-(len(prompt) + new - 1) // page)  # then one as each page fills
+    assert all(c <= 1 for c in counts[1:])  # decode steps: a page at most, and most none
+    assert [c for s in sent for c in s[:, 1]] == list(range(sum(counts)))  # columns in order, none twice
