@@ -54,6 +54,7 @@ _FLOAT_DEFAULTS = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # paddin
 # of the buffer, and Mosaic GPU kernels refuse inputs that are not 256-byte aligned.
 _ALIGN = 64
 PAGE_UPDATES = 256  # (slot, column, page) entries written into the device page table per update call
+PROMPT_LOGPROB_ROWS = 256  # rows of a step whose prompt logprobs are computed together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +138,18 @@ def _logprobs_of(logits: jax.Array, targets: jax.Array, num: int):
     raw = jax.nn.log_softmax(logits, axis=-1)
     target_lp = jnp.take_along_axis(raw, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
     return (target_lp, *ranks_and_top(raw, target_lp, num))
+
+
+def _prompt_logprobs(model, hidden: jax.Array, targets: jax.Array, num: int) -> "PromptLogprobs":
+    """Prompt logprobs of every row, `PROMPT_LOGPROB_ROWS` rows at a time: all rows at once would hold
+    `[rows, vocab]` float32 logits (1 GiB for 2,048 rows of a 128k vocabulary) beyond the step's budgeted
+    workspace, and this variant is compiled after the KV cache has taken the memory."""
+    rows, size = hidden.shape[0], PROMPT_LOGPROB_ROWS
+    chunks = -(-rows // size)
+    hidden = jnp.pad(hidden, ((0, chunks * size - rows), (0, 0))).reshape(chunks, size, hidden.shape[1])
+    targets = jnp.pad(targets, (0, chunks * size - rows), constant_values=-1).reshape(chunks, size)
+    parts = jax.lax.map(lambda x: _logprobs_of(model.compute_logits(x[0]), x[1], num), (hidden, targets))
+    return PromptLogprobs(*(p.reshape(chunks * size, *p.shape[2:])[:rows] for p in parts))
 
 
 def _positions(md: AttentionMetadata, num_tokens: int) -> jax.Array:
@@ -235,8 +248,7 @@ class ModelRunner:
         penalties = record(penalties, batch.sampling.slots, result.tokens, batch.keep)
         prompt = None
         if with_prompt_logprobs:
-            prompt = PromptLogprobs(*_logprobs_of(model.compute_logits(hidden), batch.next_tokens,
-                                                  self.num_logprobs))
+            prompt = _prompt_logprobs(model, hidden, batch.next_tokens, self.num_logprobs)
         return jax.tree.map(lambda x: x[None], result), prompt, kv_cache, penalties
 
     def _decode_loop(self, model, kv_cache, penalties: PenaltyState, batch: StepBatch, num_steps: int):
