@@ -288,7 +288,7 @@ class ModelRunner:
             result, _, self.kv_cache, self.penalties = executable(self.params, self.kv_cache, self.penalties,
                                                                   self.page_table, staging.ints, staging.floats)
             jax.block_until_ready(result.tokens)
-        self._write_pages(np.zeros((0, 3), np.int32))
+        self._write_pages(np.full((1, 3), self.page_table.shape[0], np.int32))  # a dropped row: compiles the update
         self.penalties = self._reset_row(self.penalties, np.int32(0), np.full(self.max_model_len, -1, np.int32),
                                          np.int32(0))
 
@@ -326,8 +326,7 @@ class ModelRunner:
         for reset in message.resets:
             self.penalties = self._reset_row(self.penalties, np.int32(reset.slot), reset.tokens,
                                              np.int32(reset.num_prompt_tokens))
-        if len(message.page_updates):
-            self._write_pages(message.page_updates)
+        self._write_pages(message.page_updates)
         key = (message.bucket, message.num_steps, message.with_prompt_logprobs)
         if key not in self._executables:  # prompt logprobs: compiled on first use
             self._executables[key] = self._compile(*key, self.kv_cache.shape[1])
@@ -338,8 +337,8 @@ class ModelRunner:
 
     def _write_pages(self, updates: np.ndarray) -> None:
         """Write `(slot, column, page)` rows into the device page table, `PAGE_UPDATES` at a time (the last
-        call padded with rows past the table, which are dropped); with none, compiles the update."""
-        for start in range(0, max(len(updates), 1), PAGE_UPDATES):
+        call padded with rows past the table, which are dropped)."""
+        for start in range(0, len(updates), PAGE_UPDATES):
             chunk = np.full((PAGE_UPDATES, 3), self.page_table.shape[0], np.int32)
             chunk[:len(updates) - start] = updates[start:start + PAGE_UPDATES]
             self.page_table = self._set_pages(self.page_table, chunk)

@@ -96,12 +96,18 @@ def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            sizes: BlockSizes | None = None, plan: AttentionPlan | None = None):
     """Same contract as `pallas_kernels.reference.ragged_paged_attention`."""
-    plan = plan if plan is not None and plan.kernel is not None else plan_step(
-        md, q.shape[0], kv_cache.shape[2], q.shape[1] // (kv_cache.shape[3] // 2))
+    plan = _tiled(plan, md, q, kv_cache)
     kv_cache = write_kv(k, v, kv_cache, md, layer, plan)
     out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                  sizes=sizes or BlockSizes(), plan=plan)
     return out, kv_cache
+
+
+def _tiled(plan: AttentionPlan | None, md: AttentionMetadata, q: jax.Array, kv_cache: jax.Array) -> AttentionPlan:
+    """`plan` when it carries this kernel's tiles, else the plan of this call's batch (a standalone call)."""
+    if plan is not None and plan.kernel is not None:
+        return plan
+    return plan_step(md, q.shape[0], kv_cache.shape[2], q.shape[1] // (kv_cache.shape[3] // 2))
 
 
 def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, sliding_window: int | None,
@@ -110,8 +116,7 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
     the split merge and the row gather back to `[T, H, D]` in XLA."""
     shapes = _plan(q.shape, kv_cache, md, sizes)
     _check_inputs(q, kv_cache, shapes)
-    if plan is None or plan.kernel is None:
-        plan = plan_step(md, q.shape[0], shapes.page_size, shapes.group)
+    plan = _tiled(plan, md, q, kv_cache)
     q_rows = _group_rows(q, plan.kernel.q_source, shapes)
     q_parts = _split_halves(q_rows) if shapes.split_float32 else (q_rows,)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
