@@ -1,8 +1,10 @@
 """jaxllm: an LLM inference and serving engine in JAX (Flax models, paged KV cache, Pallas attention)."""
 
 from jaxllm.logging_setup import configure_logging
+from jaxllm.xla_flags import apply_defaults
 
 configure_logging()
+apply_defaults()
 
 from jaxllm.config import SUPPORTED_ARCHITECTURES, ModelConfig  # noqa: E402
 from jaxllm.engine_config import EngineConfig  # noqa: E402

@@ -1,0 +1,25 @@
+"""The XLA options jaxllm sets before JAX starts: added when missing, never over the user's own."""
+
+import os
+import subprocess
+import sys
+
+from jaxllm.xla_flags import DEFAULT_FLAGS, merged
+
+
+def test_defaults_added_to_other_user_flags():
+    flags = merged("--xla_dump_to=/tmp/x").split()
+    assert flags[0] == "--xla_dump_to=/tmp/x"
+    assert "--xla_gpu_enable_triton_gemm=false" in flags
+
+
+def test_user_setting_wins():
+    assert merged("--xla_gpu_enable_triton_gemm=true") == "--xla_gpu_enable_triton_gemm=true"
+    assert merged(" ".join(DEFAULT_FLAGS)) == " ".join(DEFAULT_FLAGS)
+
+
+def test_importing_jaxllm_sets_xla_flags_before_jax_starts():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = "import os, jaxllm, jax; jax.numpy.ones(1); print(os.environ['XLA_FLAGS'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == list(DEFAULT_FLAGS)
