@@ -12,6 +12,7 @@ buffers did not move (`SKIP_TEMP`).
 `default` is jaxllm's own setting (`jaxllm/xla_flags.py`: GEMMs on cuBLAS). `triton_gemm` puts XLA's Triton
 GEMM fusions back: the layer scan slices each layer's weights out of the stacked arrays, and XLA copies those
 slices before Triton GEMMs (about 230 copies and 9.6 ms per token on an H100), while cuBLAS reads them in place.
+`dot_merger` turns XLA's dot merger back on, which concatenates each layer's q, k and v weights.
 
     python benchmarks/decode_xla_flags.py [--variants default off ...] [--timeout 240] [--dump-hlo-dir DIR]
 """
@@ -34,6 +35,7 @@ VARIANTS = {
     "unrolled_graph_skip_temp": f"{CAPTURE_LOOPS} --xla_gpu_command_buffer_unroll_loops=true "
                                 "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
     "triton_gemm": "--xla_gpu_enable_triton_gemm=true",
+    "dot_merger": "--xla_disable_hlo_passes=",
 }
 TIMELINE = Path(__file__).resolve().parent / "decode_timeline.py"
 

@@ -14,7 +14,8 @@ def test_defaults_added_to_other_user_flags():
 
 
 def test_user_setting_wins():
-    assert merged("--xla_gpu_enable_triton_gemm=true") == "--xla_gpu_enable_triton_gemm=true"
+    flags = merged("--xla_gpu_enable_triton_gemm=true --xla_disable_hlo_passes=foo").split()
+    assert flags == ["--xla_gpu_enable_triton_gemm=true", "--xla_disable_hlo_passes=foo"]
     assert merged(" ".join(DEFAULT_FLAGS)) == " ".join(DEFAULT_FLAGS)
 
 
