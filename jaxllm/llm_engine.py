@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Any, Sequence
 
 import jax
@@ -42,6 +43,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        started = time.perf_counter()
         enable_compilation_cache(config.cache_dir())
         mesh = make_mesh(tensor_parallel_size=config.tensor_parallel_size,
                          pipeline_parallel_size=config.pipeline_parallel_size)
@@ -59,9 +61,16 @@ class LLMEngine:
         num_pages = self._num_pages(mesh)
         logger.info("KV cache: %d pages of %d tokens (%d tokens)", num_pages, config.block_size,
                     num_pages * config.block_size)
-        self.runner.compile_steps(num_pages)
+        loaded_at = time.perf_counter()
+        num_variants = self.runner.compile_steps(num_pages)
+        compiled_at = time.perf_counter()
         self.runner.allocate_kv_cache(num_pages)
         self.runner.warmup()
+        ready_at = time.perf_counter()
+        logger.info("engine ready in %.1f s: model, tokenizer and cache sizing %.1f s, %d step variants "
+                    "compiled or loaded from the cache %.1f s, KV cache and warm-up %.1f s", ready_at - started,
+                    loaded_at - started, num_variants, compiled_at - loaded_at,
+                    ready_at - compiled_at)
         self.scheduler = Scheduler(BlockPool(num_pages, config.block_size), config.max_num_seqs,
                                    config.max_num_batched_tokens, config.num_scheduler_steps, config.max_model_len)
         self.groups: dict[str, RequestGroup] = {}

@@ -226,15 +226,16 @@ class ModelRunner:
                                 bucket=bucket, num_steps=num_steps,
                                 with_prompt_logprobs=with_prompt_logprobs).compile()
 
-    def compile_steps(self, num_pages: int) -> None:
+    def compile_steps(self, num_pages: int) -> int:
         """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is
         allocated: the single step of each bucket and the multi-step decode of each bucket a decode batch
-        can take."""
+        can take. Returns how many variants there are."""
         variants = [(b, 1) for b in self.config.token_buckets()]
         if self.num_scheduler_steps > 1:
             variants += [(b, self.num_scheduler_steps) for b in self._decode_buckets()]
         for bucket, num_steps in tqdm(variants, desc="compiling step buckets", unit="bucket"):
             self._executables[(bucket, num_steps, False)] = self._compile(bucket, num_steps, False, num_pages)
+        return len(variants)
 
     def _forward(self, params, kv_cache, penalties: PenaltyState, page_table, ints, floats, bucket: int,
                  num_steps: int, with_prompt_logprobs: bool):

@@ -1,6 +1,9 @@
 """The engine end to end on SmolLM2 (CPU, float32): parity with transformers, batch invariance under
 preemption and chunked prefill, seeds, logprobs, no compilation after warm-up, no leaked pages, errors."""
 
+import logging
+import re
+
 import numpy as np
 import pytest
 
@@ -218,3 +221,31 @@ def test_prompt_logprobs_in_row_chunks_match_transformers(tmp_path, monkeypatch)
         assert entries[pos][ids[pos]].logprob == pytest.approx(ref[pos - 1, ids[pos]], abs=1e-4)
         top = max(entries[pos].values(), key=lambda lp: lp.logprob)
         assert top.rank == 1 and top.logprob == pytest.approx(ref[pos - 1].max(), abs=1e-4)
+
+
+def test_start_up_logs_its_phases(tmp_path):
+    """Start-up ends with one line that splits its time into loading, compiling and warm-up, and counts the
+    compiled step variants (what a slow start is diagnosed from)."""
+    from tests.tiny_models import make_tiny
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    engine_logger = logging.getLogger("jaxllm.llm_engine")
+    engine_logger.addHandler(handler)
+    try:
+        make_tiny("llama", tmp_path / "model")
+        llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
+                  max_num_batched_tokens=64, num_gpu_blocks_override=32,
+                  compilation_cache_dir=str(tmp_path / "xla"))
+    finally:
+        engine_logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("engine ready")]
+    assert len(lines) == 1
+    match = re.fullmatch(r"engine ready in ([\d.]+) s: model, tokenizer and cache sizing ([\d.]+) s, (\d+) step "
+                         r"variants compiled or loaded from the cache ([\d.]+) s, KV cache and warm-up ([\d.]+) s",
+                         lines[0])
+    assert match, lines[0]
+    total, *phases = (float(match[i]) for i in (1, 2, 4, 5))
+    assert int(match[3]) == len(llm.llm_engine.runner._executables)
+    assert sum(phases) == pytest.approx(total, abs=0.2)
