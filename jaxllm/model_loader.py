@@ -112,26 +112,38 @@ def open_reader(source: ModelSource, cfg: ModelConfig) -> TensorReader:
 def read_tensor(reader: TensorReader, rule: TensorRule, cfg: ModelConfig, shape: tuple[int, ...]) -> np.ndarray:
     """One parameter in jaxllm layout, each checkpoint tensor checked against `shape` (per-layer ones stacked,
     then zero-padded to `shape[0]` layers: the identity layers that even out pipeline stages)."""
-    names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)] if rule.per_layer else [rule.hf_name]
+    layers = range(cfg.num_layers) if rule.per_layer else [None]
     part_shape = shape[1:] if rule.per_layer else shape
-    parts = []
+    parts = [_read_part(reader, rule, cfg, [name.format(i=i) for name in rule.hf_names], part_shape)
+             for i in layers]
+    if not rule.per_layer:
+        return parts[0]
+    return np.pad(np.stack(parts), [(0, shape[0] - len(parts))] + [(0, 0)] * len(part_shape))
+
+
+def _read_part(reader: TensorReader, rule: TensorRule, cfg: ModelConfig, names: list[str],
+               part_shape: tuple[int, ...]) -> np.ndarray:
+    """One layer's (or a global) value of a parameter: each named tensor transformed and checked, and several
+    stacked on the rule's axis."""
+    each_shape = part_shape
+    if rule.stack_axis is not None:
+        each_shape = part_shape[:rule.stack_axis] + part_shape[rule.stack_axis + 1:]
+    tensors = []
     for name in names:
         try:
             raw = reader.get(name)
         except KeyError:
             raise CheckpointError(f"checkpoint has no tensor {name!r} (needed for {'.'.join(rule.path)})") from None
         try:
-            part = rule.transform(raw, cfg)
+            tensor = rule.transform(raw, cfg)
         except ValueError:
-            part = None
-        if part is None or part.shape != part_shape:
+            tensor = None
+        if tensor is None or tensor.shape != each_shape:
             per_layer = " per layer" if rule.per_layer else ""
             raise CheckpointError(f"tensor {name!r} has shape {raw.shape}, which does not fit the config "
-                                  f"({'.'.join(rule.path)} needs {part_shape}{per_layer})")
-        parts.append(part)
-    if not rule.per_layer:
-        return parts[0]
-    return np.pad(np.stack(parts), [(0, shape[0] - len(parts))] + [(0, 0)] * len(part_shape))
+                                  f"({'.'.join(rule.path)} needs {each_shape}{per_layer} from it)")
+        tensors.append(tensor)
+    return tensors[0] if rule.stack_axis is None else np.stack(tensors, axis=rule.stack_axis)
 
 
 def checked_tensors(abstract: nnx.Module, reader: TensorReader, cfg: ModelConfig

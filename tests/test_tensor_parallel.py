@@ -41,8 +41,10 @@ def test_tensor_parallel_sizes_agree(checkpoint):
         assert layers.attn.q_proj[...].sharding.spec == PartitionSpec(None, None, "tensor", None)
         assert layers.mlp.down_proj[...].sharding.spec == PartitionSpec(None, "tensor", None)
         # 2 KV heads: split over tensor 2, replicated over tensor 4.
-        kv_spec = PartitionSpec(None, None, "tensor", None) if tp == 2 else PartitionSpec(None, None, None, None)
-        assert layers.attn.k_proj[...].sharding.spec == kv_spec
+        kv_spec = PartitionSpec(None, None, None, "tensor", None) if tp == 2 else PartitionSpec(None, None, None, None,
+                                                                                                None)
+        assert layers.attn.kv_proj[...].sharding.spec == kv_spec
+        assert layers.mlp.gate_up_proj[...].sharding.spec == PartitionSpec(None, None, None, "tensor")
         # the cache's heads axis holds K and V of 2 heads: split in halves over tensor 2, whole over tensor 4.
         assert {s.data.shape[3] for s in runner.kv_cache.addressable_shards} == {2 if tp == 2 else 4}
         shard_shapes = {s.data.shape for s in layers.attn.q_proj[...].addressable_shards}

@@ -47,6 +47,16 @@ def test_shape_disagreeing_with_config_is_named(checkpoint):
         load_model(str(checkpoint))
 
 
+def test_wrong_shape_in_a_stacked_parameter_names_that_tensor(checkpoint):
+    """k and v are one parameter (`kv_proj`); a v_proj of the wrong shape is named, not its partner."""
+    tensors = load_file(checkpoint / "model.safetensors")
+    name = "model.layers.0.self_attn.v_proj.weight"
+    tensors[name] = tensors[name][:-1]
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.v_proj\.weight' has shape .*kv_proj"):
+        load_model(str(checkpoint))
+
+
 def test_corrupt_safetensors_names_the_file(checkpoint):
     path = checkpoint / "model.safetensors"
     path.write_bytes(path.read_bytes()[:100])

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: k/v and gate/up stacked into one parameter each
 MANIFEST = "jaxllm.json"
 PARAMS_DIR = "params"
 
