@@ -4,6 +4,7 @@ start-up (cold and warm compilation cache), Llama-3.1-8B shape with random bfloa
 Each figure is one `jaxllm bench throughput` process; start-up is its wall time minus its generate time.
 
     python benchmarks/engine_figures.py --dataset-path ../shared/workloads/sharegpt1000.json [--extra ARGS]
+        [--output-json PATH]
 """
 
 from __future__ import annotations
@@ -19,21 +20,24 @@ from pathlib import Path
 
 
 def bench(args: list[str], cache_dir: str) -> dict:
-    """Run `jaxllm bench throughput ARGS`; its JSON result plus the process's wall time."""
+    """Run `jaxllm bench throughput ARGS`; its JSON result, the process's wall time and the engine's own
+    start-up line (how long loading, compiling and warm-up took)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, "-m", "jaxllm.cli", "bench", "throughput", "--random-weights", "llama3-8b",
                    "--compilation-cache-dir", cache_dir, "--output-json", out.name, *args]
         start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - start
         result = json.loads(Path(out.name).read_text())
-    return {**result, "wall_s": wall, "command": shlex.join(command[2:])}
+    ready = [line.split(": ", 1)[1] for line in done.stderr.splitlines() if "engine ready in" in line]
+    return {**result, "wall_s": wall, "engine_ready": ready[0] if ready else None, "command": shlex.join(command[2:])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset-path", default=None)
     parser.add_argument("--extra", default="", help="more engine flags for every run")
+    parser.add_argument("--output-json", help="also write every run's result here")
     args = parser.parse_args()
     extra = shlex.split(args.extra)
     cache = tempfile.mkdtemp(prefix="jaxllm-xla-")
@@ -51,6 +55,10 @@ def main() -> None:
     ]
     for name, value, command in rows:
         print(f"| {name} | {value} | `{command}` |")
+    for name, run in (("cold", cold), ("warm", warm), ("sharegpt", share)):
+        print(f"{name}: {run['engine_ready']}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"cold": cold, "warm": warm, "sharegpt": share}, indent=2))
 
 
 if __name__ == "__main__":
