@@ -25,7 +25,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import model_class
 from jaxllm.parallel import ShardingRules, make_mesh, named_sharding
 from jaxllm.weights.mapping import TensorRule, tensor_rules
-from jaxllm.weights.model_dir import PARAMS_DIR
+from jaxllm.weights.model_dir import PARAMS_DIR, Manifest
 from jaxllm.weights.readers import CheckpointError, GGUFReader, SafetensorsReader, TensorReader
 from jaxllm.weights.sources import ModelSource, load_hf_config, resolve_source
 
@@ -72,6 +72,7 @@ def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
     if load_format == "dummy":
         built = random_model(cfg, mesh, rules, seed, attention_backend, attention_block_sizes)
     elif source.kind == "jaxllm":
+        Manifest.read(source.path)  # refuses a directory written in another format version
         built = _restore(abstract_model(cfg, attention_backend, stages, attention_block_sizes),
                          source.path / PARAMS_DIR, mesh, rules)
     else:

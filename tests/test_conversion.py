@@ -46,6 +46,16 @@ def test_converted_architectures_match_transformers(arch, tmp_path):
     assert len(manifest.source_sha256) == 64
 
 
+def test_directory_of_an_older_format_asks_for_a_new_conversion(tmp_path):
+    """Format 2 stacks k/v and gate/up; a format-1 directory is refused with what to do, not a tree error."""
+    make_tiny("llama", tmp_path / "src")
+    convert(str(tmp_path / "src"), tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "jaxllm.json").read_text())
+    (tmp_path / "out" / "jaxllm.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ValueError, match="format version 1 is not 2; convert the model again"):
+        load_model(str(tmp_path / "out"))
+
+
 def test_bfloat16_conversion(tmp_path):
     make_tiny("qwen3", tmp_path / "src")
     convert(str(tmp_path / "src"), tmp_path / "out", dtype="bfloat16")
