@@ -9,7 +9,9 @@ XLA's dot merger is off: it merged the q, k and v projections into one GEMM by c
 which in the layer scan is a fresh 48 MiB copy per layer (about 1 ms per token at 8B shape on an H100).
 
 A flag the user already put in `XLA_FLAGS` wins over ours (so `--xla_disable_hlo_passes=...` of the user's
-own replaces ours); the options only concern GPUs and are ignored elsewhere.
+own replaces ours). The Triton option only concerns GPUs; the dot merger is off for every XLA compiler that
+reads `XLA_FLAGS` (the CPU tests run that way; it was measured only on the H100), since the same weight copy
+would appear wherever the merger runs inside the layer scan.
 """
 
 from __future__ import annotations
