@@ -1,8 +1,8 @@
 """Where batch-1 decode's wall time goes between GPU kernels: a `jax.profiler` trace of one generate call
 (64 tokens after a 512-token prompt, Llama-3.1-8B shape, random bfloat16 weights), read back with
-`jax.profiler.ProfileData`. Reports GPU busy time (the union of kernel intervals), the idle gaps between
-kernels by size with the kernels on either side of the longest ones, and the host threads' busiest events
-(XLA's thunk executor, the Python engine), so that launch cost, host syncs and engine work can be told apart.
+`jax.profiler.ProfileData`. Reports GPU busy time (the union of kernel intervals), the busiest kernels and
+copies, and the idle gaps between kernels by size with the kernels on either side of the longest ones. The
+workload is `profile_decode.py`'s (`decode_workload`).
 
     python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--output-json PATH] [--dump-hlo PATH]
 
@@ -13,20 +13,15 @@ made with `cudaMemcpyAsync`). `--dump-hlo` writes the optimized HLO of the small
 from __future__ import annotations
 
 import argparse
-import collections
 import glob
 import json
 import tempfile
-import time
 
 import jax
 import numpy as np
 from jax.profiler import ProfileData
+from profile_decode import TOKENS, by_name, decode_workload
 
-from jaxllm import LLM, SamplingParams
-from jaxllm.bench.presets import random_weights_dir
-
-TOKENS = 64
 GAP_EDGES_US = (5, 20, 100, 1000)
 
 
@@ -56,22 +51,6 @@ def gaps(kernels: list[tuple[float, float, str]]) -> tuple[float, list[tuple[flo
     return busy, idle
 
 
-def host_events(data: ProfileData, top: int = 25) -> dict[str, list]:
-    """Per host thread: its `top` event names by total duration (nested events each count), with counts."""
-    out = {}
-    for plane in data.planes:
-        if plane.name != "/host:CPU":
-            continue
-        for line in plane.lines:
-            totals, counts = collections.Counter(), collections.Counter()
-            for e in line.events:
-                totals[e.name[:100]] += e.duration_ns
-                counts[e.name[:100]] += 1
-            if totals:
-                out[line.name] = [[n, ns / 1e6 / TOKENS, counts[n] / TOKENS] for n, ns in totals.most_common(top)]
-    return out
-
-
 def summarize(data: ProfileData) -> dict:
     kernels = gpu_kernels(data)
     busy, idle = gaps(kernels)
@@ -82,16 +61,12 @@ def summarize(data: ProfileData) -> dict:
                                    float(sizes[(sizes >= lo) & (sizes < hi)].sum()) / 1e3 / TOKENS]
                  for lo, hi in zip(edges[:-1], edges[1:])}
     longest = sorted(idle, reverse=True)[:20]
-    totals, counts = collections.Counter(), collections.Counter()
-    for start, stop, name in kernels:
-        totals[name[:90]] += stop - start
-        counts[name[:90]] += 1
+    totals, counts = by_name((name, stop - start) for start, stop, name in kernels)
     return {"span_ms_per_token": span / 1e6 / TOKENS, "gpu_busy_ms_per_token": busy / 1e6 / TOKENS,
             "kernels_per_token": len(kernels) / TOKENS,
             "gaps_per_token_by_size": histogram,
             "top_kernels": [[n, ns / 1e6 / TOKENS, counts[n] / TOKENS] for n, ns in totals.most_common(25)],
-            "longest_gaps": [[g / 1e3, before[:80], after[:80]] for g, before, after in longest],
-            "host": host_events(data)}
+            "longest_gaps": [[g / 1e3, before[:80], after[:80]] for g, before, after in longest]}
 
 
 def main() -> None:
@@ -100,14 +75,7 @@ def main() -> None:
     parser.add_argument("--output-json")
     parser.add_argument("--dump-hlo")
     args = parser.parse_args()
-    llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
-              num_scheduler_steps=args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16)
-    prompt = [{"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, 512).tolist()}]
-    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=TOKENS)
-    llm.generate(prompt, params, use_tqdm=False)
-    start = time.perf_counter()
-    llm.generate(prompt, params, use_tqdm=False)
-    wall = (time.perf_counter() - start) / TOKENS * 1e3
+    llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
         key = min(k for k in runner._executables if k[1] > 1)
@@ -115,7 +83,7 @@ def main() -> None:
             f.write(runner._executables[key].as_text())
     trace_dir = tempfile.mkdtemp()
     with jax.profiler.trace(trace_dir):
-        llm.generate(prompt, params, use_tqdm=False)
+        run()
     summary = summarize(ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]))
     summary["wall_ms_per_token"] = wall
     print(f"wall {wall:.2f} ms/token untraced; traced: span {summary['span_ms_per_token']:.2f} ms/token, "

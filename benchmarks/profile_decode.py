@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import time
+from typing import Callable, Iterable
 
 import numpy as np
 from jax.experimental.mosaic.gpu import profiler
@@ -37,6 +38,34 @@ def cupti_kernels(fn) -> list[tuple[str, float]]:
     return kernels
 
 
+def decode_workload(num_scheduler_steps: int, max_num_batched_tokens: int | None = None,
+                    max_num_seqs: int | None = None) -> tuple[LLM, Callable[[], None], float]:
+    """The engine and the call every decode profile looks at: generate TOKENS tokens after a 512-token
+    prompt. Returns the engine, the call, and its wall time in ms per token, timed once it is warm."""
+    llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
+              num_scheduler_steps=num_scheduler_steps, max_num_batched_tokens=max_num_batched_tokens,
+              max_num_seqs=max_num_seqs)
+    prompt = [{"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, 512).tolist()}]
+    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=TOKENS)
+
+    def run() -> None:
+        llm.generate(prompt, params, use_tqdm=False)
+
+    run()  # warm: every program used below is compiled
+    start = time.perf_counter()
+    run()
+    return llm, run, (time.perf_counter() - start) / TOKENS * 1e3
+
+
+def by_name(kernels: Iterable[tuple[str, float]]) -> tuple[collections.Counter, collections.Counter]:
+    """Total time and count of each kernel name (cut to 90 characters)."""
+    totals, counts = collections.Counter(), collections.Counter()
+    for name, time_taken in kernels:
+        totals[name[:90]] += time_taken
+        counts[name[:90]] += 1
+    return totals, counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
@@ -45,31 +74,20 @@ def main() -> None:
     parser.add_argument("--output-json")
     args = parser.parse_args()
     start = time.perf_counter()
-    llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
-              num_scheduler_steps=args.num_scheduler_steps, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_num_seqs=args.max_num_seqs)
+    llm, run, wall_ms = decode_workload(args.num_scheduler_steps, args.max_num_batched_tokens, args.max_num_seqs)
     ready_s = time.perf_counter() - start
-    print(f"engine ready in {ready_s:.1f} s (random weights, every bucket compiled)")
-    prompt = [{"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, 512).tolist()}]
-    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=TOKENS)
-    llm.generate(prompt, params, use_tqdm=False)  # warm: every program used below is compiled
-    start = time.perf_counter()
-    llm.generate(prompt, params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    kernels = cupti_kernels(lambda: llm.generate(prompt, params, use_tqdm=False))
-    totals, counts = collections.Counter(), collections.Counter()
-    for name, ms in kernels:
-        totals[name[:90]] += ms
-        counts[name[:90]] += 1
+    print(f"engine ready and warm in {ready_s:.1f} s (random weights, every bucket compiled)")
+    kernels = cupti_kernels(run)
+    totals, counts = by_name(kernels)
     gpu_ms = sum(totals.values())
-    print(f"num_scheduler_steps={args.num_scheduler_steps}: wall {wall / TOKENS * 1e3:.2f} ms/token, "
+    print(f"num_scheduler_steps={args.num_scheduler_steps}: wall {wall_ms:.2f} ms/token, "
           f"GPU busy {gpu_ms / TOKENS:.2f} ms/token, {len(kernels) / TOKENS:.0f} kernels/token")
     print("| kernel | ms/token | launches/token |")
     print("| --- | --- | --- |")
     for name, ms in totals.most_common(18):
         print(f"| {name} | {ms / TOKENS:.3f} | {counts[name] / TOKENS:.1f} |")
     if args.output_json:
-        summary = {"wall_ms_per_token": wall / TOKENS * 1e3, "gpu_busy_ms_per_token": gpu_ms / TOKENS,
+        summary = {"wall_ms_per_token": wall_ms, "gpu_busy_ms_per_token": gpu_ms / TOKENS,
                    "kernels_per_token": len(kernels) / TOKENS, "engine_ready_s": ready_s,
                    "top_kernels": {n: [ms / TOKENS, counts[n] / TOKENS] for n, ms in totals.most_common(18)}}
         with open(args.output_json, "w") as f:
