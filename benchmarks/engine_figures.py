@@ -4,7 +4,7 @@ start-up (cold and warm compilation cache), Llama-3.1-8B shape with random bfloa
 Each figure is one `jaxllm bench throughput` process; start-up is its wall time minus its generate time.
 
     python benchmarks/engine_figures.py --dataset-path ../shared/workloads/sharegpt1000.json [--extra ARGS]
-        [--output-json PATH]
+        [--output-json PATH] [--compilation-cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ def main() -> None:
     parser.add_argument("--dataset-path", default=None)
     parser.add_argument("--extra", default="", help="more engine flags for every run")
     parser.add_argument("--output-json", help="also write every run's result here")
+    parser.add_argument("--compilation-cache-dir", help="an empty directory for the cache (default: a new temporary "
+                        "one), to reuse it in later runs")
     args = parser.parse_args()
     extra = shlex.split(args.extra)
-    cache = tempfile.mkdtemp(prefix="jaxllm-xla-")
+    cache = args.compilation_cache_dir or tempfile.mkdtemp(prefix="jaxllm-xla-")
     batch1 = ["--dataset", "random", "--num-prompts", "1", "--input-len", "512", "--output-len", "256", *extra]
     cold = bench(batch1, cache)
     warm = bench(batch1, cache)
