@@ -62,15 +62,17 @@ class LLMEngine:
         logger.info("KV cache: %d pages of %d tokens (%d tokens)", num_pages, config.block_size,
                     num_pages * config.block_size)
         loaded_at = time.perf_counter()
+        cache = self.runner.step_cache
+        before = cache.loaded, cache.compiled
         num_variants = self.runner.compile_steps(num_pages)
         compiled_at = time.perf_counter()
         self.runner.allocate_kv_cache(num_pages)
         self.runner.warmup()
         ready_at = time.perf_counter()
         logger.info("engine ready in %.1f s: model, tokenizer and cache sizing %.1f s, %d step variants "
-                    "compiled or loaded from the cache %.1f s, KV cache and warm-up %.1f s", ready_at - started,
-                    loaded_at - started, num_variants, compiled_at - loaded_at,
-                    ready_at - compiled_at)
+                    "(%d loaded from the step cache, %d compiled) %.1f s, KV cache and warm-up %.1f s",
+                    ready_at - started, loaded_at - started, num_variants, cache.loaded - before[0],
+                    cache.compiled - before[1], compiled_at - loaded_at, ready_at - compiled_at)
         self.scheduler = Scheduler(BlockPool(num_pages, config.block_size), config.max_num_seqs,
                                    config.max_num_batched_tokens, config.num_scheduler_steps, config.max_model_len)
         self.groups: dict[str, RequestGroup] = {}

@@ -3,8 +3,9 @@
 The step (forward pass and sampling) is a single jitted function with the KV cache donated. Its shapes
 come from a fixed set of buckets (padded token count; the sequence count follows it), all compiled at
 start-up, before the KV cache takes the device memory (XLA's autotuner times its GEMM candidates in free
-memory), so serving never compiles. Prompt logprobs need logits for every row; that variant is compiled
-the first time a request asks for them.
+memory), so serving never compiles; a restart loads them from the step cache (`compilation.StepCache`)
+without tracing them again. Prompt logprobs need logits for every row; that variant is compiled the first
+time a request asks for them.
 
 Host cost per step is kept small the way vLLM's persistent batch does it: what belongs to a request for its
 whole run (sampling settings, seed, banned ids) sits in per-slot host tables filled once, the page table
@@ -28,6 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxllm import distributed
+from jaxllm.compilation import StepCache, settings_parts
 from jaxllm.distributed import PenaltyReset, StepMessage
 from jaxllm.engine_config import EngineConfig
 from jaxllm.parallel import ShardingRules, kv_cache_sharding, padded_layers
@@ -189,6 +191,8 @@ class ModelRunner:
                              static_argnames=("bucket", "num_steps", "with_prompt_logprobs"),
                              out_shardings=(results, results, self.cache_sharding, replicated))
         self._executables: dict[tuple[int, int, bool], jax.stages.Compiled] = {}  # (bucket, steps, prompt lp)
+        self.step_cache = StepCache.create(config.cache_dir() / "steps", mesh, settings_parts(config),
+                                           self.model_config, rules, self.graphdef)
         self._resets: list[PenaltyReset] = []
         self.channel = distributed.StepChannel() if distributed.is_multiprocess() else None
 
@@ -222,9 +226,9 @@ class ModelRunner:
         cache = jax.ShapeDtypeStruct(self._cache_shape(num_pages), self.model_config.jnp_dtype,
                                      sharding=self._cache_sharding(num_pages))
         staging = self._staging[bucket]
-        return self._step.lower(self.params, cache, self.penalties, self.page_table, staging.ints, staging.floats,
-                                bucket=bucket, num_steps=num_steps,
-                                with_prompt_logprobs=with_prompt_logprobs).compile()
+        args = (self.params, cache, self.penalties, self.page_table, staging.ints, staging.floats)
+        static = dict(bucket=bucket, num_steps=num_steps, with_prompt_logprobs=with_prompt_logprobs)
+        return self.step_cache.get(static, args, lambda: self._step.lower(*args, **static).compile())
 
     def compile_steps(self, num_pages: int) -> int:
         """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is

@@ -243,9 +243,10 @@ def test_start_up_logs_its_phases(tmp_path):
     lines = [r.getMessage() for r in records if r.getMessage().startswith("engine ready")]
     assert len(lines) == 1
     match = re.fullmatch(r"engine ready in ([\d.]+) s: model, tokenizer and cache sizing ([\d.]+) s, (\d+) step "
-                         r"variants compiled or loaded from the cache ([\d.]+) s, KV cache and warm-up ([\d.]+) s",
-                         lines[0])
+                         r"variants \((\d+) loaded from the step cache, (\d+) compiled\) ([\d.]+) s, KV cache and "
+                         r"warm-up ([\d.]+) s", lines[0])
     assert match, lines[0]
-    total, *phases = (float(match[i]) for i in (1, 2, 4, 5))
-    assert int(match[3]) == len(llm.llm_engine.runner._executables)
+    total, *phases = (float(match[i]) for i in (1, 2, 6, 7))
+    assert int(match[3]) == len(llm.llm_engine.runner._executables) == int(match[5])  # a new cache: all compiled
+    assert int(match[4]) == 0
     assert sum(phases) == pytest.approx(total, abs=0.2)
