@@ -1,5 +1,10 @@
 """`LLMEngine`: requests in, `RequestOutput`s out, one `step()` at a time (vLLM's engine API).
 
+Steps run one ahead of the host (vLLM's async scheduling): `step()` schedules and dispatches step N+1
+before it waits for step N's tokens, so the devices compute while the host processes. Step N+1 counts the
+tokens step N is sampling as pending (`Request.num_pending`) and reads them on the device; a request that
+step N finishes (a stop token or string) has its row in step N+1 computed for nothing and dropped.
+
 It owns the model runner (device side), the scheduler (host side) and the output processing, and does the
 checks that refuse a request up front rather than leave it hanging: empty prompts, token ids outside the
 vocabulary, prompts that cannot fit `max_model_len` or the KV cache.
@@ -7,6 +12,7 @@ vocabulary, prompts that cannot fit `max_model_len` or the KV cache.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -26,14 +32,24 @@ from jaxllm.output_processor import Completion, RequestGroup, position_logprobs
 from jaxllm.outputs import RequestOutput
 from jaxllm.parallel import make_mesh
 from jaxllm.request import Request
-from jaxllm.runner import MAX_BANNED, ModelRunner, PromptLogprobs, StepOutput
+from jaxllm.runner import MAX_BANNED, InFlightStep, ModelRunner, PromptLogprobs, StepOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
-from jaxllm.scheduler import ScheduledChunk, Scheduler
+from jaxllm.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from jaxllm.weights.sources import load_generation_config, load_tokenizer, resolve_source
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int] | dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dispatched:
+    """A step on its way: what was scheduled and the runner's handle on its results."""
+
+    scheduled: SchedulerOutput
+    step: InFlightStep
+
+
 _GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                         "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
@@ -79,6 +95,7 @@ class LLMEngine:
         self._completions: dict[int, Completion] = {}
         self._seeds = np.random.default_rng(config.seed)
         self._ids = itertools.count()
+        self._in_flight: _Dispatched | None = None
 
     def _resolve_max_model_len(self, model_max: int) -> None:
         if self.config.max_model_len is None:
@@ -227,21 +244,47 @@ class LLMEngine:
     # ----- stepping -----
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one model step (several decode steps for a multi-step batch), process its tokens;
-        returns the outputs of requests that moved."""
+        """Dispatch the next model step (several decode steps for a multi-step batch), then process the one
+        before it: its tokens, stops and outputs. Returns the outputs of requests that moved."""
+        if self._in_flight is None:
+            self._in_flight = self._dispatch()
+            if self._in_flight is None:
+                return []
+        current, self._in_flight = self._in_flight, self._dispatch()
+        outputs = self._process(current)
+        if not self.groups and self._in_flight is not None:  # a step for requests that have all finished since
+            self._process(self._in_flight)
+            self._in_flight = None
+        return outputs
+
+    def _dispatch(self) -> _Dispatched | None:
+        """Schedule a step and start it; its requests count the K/V it computes and the tokens it samples
+        (as pending) at once, so that the next step can be scheduled before this one's results are back."""
         out = self.scheduler.schedule()
         if not out.chunks:
-            return []
-        result = self.runner.execute(out)
+            return None
+        step = self.runner.dispatch(out)
+        for chunk in out.chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens + chunk.num_steps - 1
+            if chunk.completes:
+                chunk.request.num_pending += chunk.num_steps
+        return _Dispatched(out, step)
+
+    def _process(self, dispatched: _Dispatched) -> list[RequestOutput]:
+        """Take a step's results: prompt logprobs and sampled tokens of the requests still going (a request
+        finished or aborted since the step was dispatched gets nothing more)."""
+        result = self.runner.fetch(dispatched.step)
         moved: dict[str, RequestGroup] = {}
         first_row = 0
-        for row, chunk in enumerate(out.chunks):
+        for row, chunk in enumerate(dispatched.scheduled.chunks):
             request = chunk.request
-            request.num_computed_tokens += chunk.num_tokens + chunk.num_steps - 1
+            rows, first_row = first_row, first_row + chunk.num_tokens
+            if request.finished:
+                continue
             if result.prompt is not None and request.params.prompt_logprobs is not None and request.index == 0:
-                self._record_prompt_logprobs(chunk, result.prompt, first_row)
-            first_row += chunk.num_tokens
+                self._record_prompt_logprobs(chunk, result.prompt, rows)
             if chunk.completes:
+                request.num_pending -= chunk.num_steps
                 group_id = self._append(request, result, row, chunk.num_steps)
                 moved[group_id] = self.groups[group_id]
         return [output for group in moved.values() if (output := self._emit(group)) is not None]

@@ -21,8 +21,10 @@ class Request:
     """A sequence of the scheduler. For `n > 1` each completion is its own `Request` (`index` 0..n-1);
     siblings wait for the first (`leader`) to compute the prompt, then share its full prompt pages.
 
-    Invariant: `num_computed_tokens <= len(token_ids)`; the tokens `token_ids[:num_computed_tokens]` have
-    their K/V in `pages`.
+    Invariant: `num_computed_tokens <= num_tokens`; the first `num_computed_tokens` tokens have their K/V in
+    `pages` (or will have, once the steps already dispatched have run). `num_tokens` counts the `num_pending`
+    tokens sampled by a dispatched step whose values the host has not received yet (the engine schedules the
+    next step before the previous one's results come back).
     """
 
     request_id: str
@@ -36,6 +38,7 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
+    num_pending: int = 0
     pages: list[int] = dataclasses.field(default_factory=list)
     slot: int | None = None  # the request's row in the runner's per-sequence state while it runs
     status: Status = Status.WAITING
@@ -58,8 +61,13 @@ class Request:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens known to the host plus those sampled on the device and not yet received."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:

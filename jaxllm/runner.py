@@ -14,6 +14,10 @@ the token statistics of the penalties stay on the device (`PenaltyState`), so a 
 into two reused flat staging buffers (int32 and float32) and transfers just those two. A decode-only batch
 can run `num_scheduler_steps` steps in one call: a loop inside the compiled step feeds each sampled token
 back as the next input, so the host pays once for several tokens.
+
+`dispatch` starts a step and returns; `fetch` waits for its results. The engine dispatches step N+1 before
+it fetches step N, so a sequence's input token may be one step N is still sampling: the step keeps each
+slot's last sampled token on the device (`last_tokens`) and reads it for the sequences marked `from_device`.
 """
 
 from __future__ import annotations
@@ -73,8 +77,8 @@ class _Layout:
         t, s = num_tokens, num_seqs
         shapes = [("tokens", (t,)), ("next_tokens", (t,)), ("cu_q_lens", (s + 1,)), ("kv_lens", (s,)),
                   ("logits_indices", (s,)), ("slots", (s,)), ("top_k", (s,)), ("seeds", (s,)), ("steps", (s,)),
-                  ("min_tokens", (s,)), ("step_limits", (s,)), ("keep", (s,)), ("num_seqs", (1,)),
-                  ("want_logprobs", (1,)), ("banned", (s, MAX_BANNED))]
+                  ("min_tokens", (s,)), ("step_limits", (s,)), ("keep", (s,)), ("from_device", (s,)),
+                  ("num_seqs", (1,)), ("want_logprobs", (1,)), ("banned", (s, MAX_BANNED))]
         fields, offset = [], 0
         for name, shape in shapes:
             fields.append((name, shape, offset))
@@ -96,6 +100,7 @@ class StepBatch:
     logits_indices: jax.Array  # [S] the row whose logits each sequence samples from
     next_tokens: jax.Array  # [T] the token following each row (prompt logprobs), -1 if none
     keep: jax.Array  # [S] bool, the sample is the sequence's next token (its chunk completes)
+    from_device: jax.Array  # [S] bool, the sequence's (one) token is the one its slot sampled last
     step_limits: jax.Array  # [S] decode steps each sequence takes in a multi-step call
     sampling: SamplingInputs
 
@@ -111,7 +116,17 @@ class StepBatch:
             v["min_tokens"], v["banned"], v["want_logprobs"][0] > 0)
         pages = jnp.take(page_table, v["slots"], axis=0, mode="clip")
         md = AttentionMetadata(v["cu_q_lens"], v["kv_lens"], pages, v["num_seqs"])
-        return cls(v["tokens"], md, v["logits_indices"], v["next_tokens"], v["keep"] > 0, v["step_limits"], sampling)
+        return cls(v["tokens"], md, v["logits_indices"], v["next_tokens"], v["keep"] > 0, v["from_device"] > 0,
+                   v["step_limits"], sampling)
+
+    def with_device_tokens(self, last_tokens: jax.Array) -> "StepBatch":
+        """The batch with each `from_device` sequence's token taken from `last_tokens[slot]` (what the previous
+        step sampled for it, which the host did not have when it packed this step)."""
+        first = self.md.cu_q_lens[:-1]
+        current = jnp.take(self.tokens, first, mode="clip")
+        device = jnp.take(last_tokens, self.sampling.slots, mode="clip")
+        tokens = self.tokens.at[first].set(jnp.where(self.from_device, device, current), mode="drop")
+        return dataclasses.replace(self, tokens=tokens)
 
 
 @jax.tree_util.register_dataclass
@@ -121,6 +136,15 @@ class PromptLogprobs:
     ranks: jax.Array  # [T]
     top_ids: jax.Array  # [T, N]
     top_logprobs: jax.Array  # [T, N]
+
+
+@dataclasses.dataclass(frozen=True)
+class InFlightStep:
+    """A dispatched step: its results still on the devices (possibly still being computed)."""
+
+    result: SampleResult
+    prompt: PromptLogprobs | None
+    want_logprobs: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,15 +205,18 @@ class ModelRunner:
         self.page_table = jax.jit(lambda: jnp.zeros((rows + 1, self.pages_per_seq), jnp.int32),
                                   out_shardings=replicated)()
         self._set_pages = jax.jit(_set_pages, donate_argnums=(0,), out_shardings=replicated)
+        # The token each slot sampled last (and a spare row for padding sequences): the next step's input for a
+        # sequence whose token the host has not received yet.
+        self.last_tokens = jax.jit(lambda: jnp.zeros(rows + 1, jnp.int32), out_shardings=replicated)()
         self._page_updates: list[np.ndarray] = []
         self.slots = _SlotTable.empty(rows)
         self._layouts = {b: _Layout.of(b, config.seq_bucket(b)) for b in config.token_buckets()}
         self._staging = {b: _Staging.empty(layout, rows) for b, layout in self._layouts.items()}
         # Across hosts the results must be replicated, so that process 0 holds them whole.
         results = replicated if distributed.is_multiprocess() else None
-        self._step = jax.jit(self._forward, donate_argnums=(1, 2),
+        self._step = jax.jit(self._forward, donate_argnums=(1, 2, 3),
                              static_argnames=("bucket", "num_steps", "with_prompt_logprobs"),
-                             out_shardings=(results, results, self.cache_sharding, replicated))
+                             out_shardings=(results, results, self.cache_sharding, replicated, replicated))
         self._executables: dict[tuple[int, int, bool], jax.stages.Compiled] = {}  # (bucket, steps, prompt lp)
         self.step_cache = StepCache.create(config.cache_dir() / "steps", mesh, settings_parts(config),
                                            self.model_config, rules, self.graphdef)
@@ -226,7 +253,7 @@ class ModelRunner:
         cache = jax.ShapeDtypeStruct(self._cache_shape(num_pages), self.model_config.jnp_dtype,
                                      sharding=self._cache_sharding(num_pages))
         staging = self._staging[bucket]
-        args = (self.params, cache, self.penalties, self.page_table, staging.ints, staging.floats)
+        args = (self.params, cache, self.penalties, self.last_tokens, self.page_table, staging.ints, staging.floats)
         static = dict(bucket=bucket, num_steps=num_steps, with_prompt_logprobs=with_prompt_logprobs)
         return self.step_cache.get(static, args, lambda: self._step.lower(*args, **static).compile())
 
@@ -241,29 +268,30 @@ class ModelRunner:
             self._executables[(bucket, num_steps, False)] = self._compile(bucket, num_steps, False, num_pages)
         return len(variants)
 
-    def _forward(self, params, kv_cache, penalties: PenaltyState, page_table, ints, floats, bucket: int,
+    def _forward(self, params, kv_cache, penalties: PenaltyState, last_tokens, page_table, ints, floats, bucket: int,
                  num_steps: int, with_prompt_logprobs: bool):
         model = nnx.merge(self.graphdef, params)
-        batch = StepBatch.unpack(self._layouts[bucket], ints, floats, page_table)
+        batch = StepBatch.unpack(self._layouts[bucket], ints, floats, page_table).with_device_tokens(last_tokens)
         if num_steps > 1:
-            return self._decode_loop(model, kv_cache, penalties, batch, num_steps)
+            return self._decode_loop(model, kv_cache, penalties, last_tokens, batch, num_steps)
         hidden, kv_cache = model(batch.tokens, _positions(batch.md, bucket), kv_cache, batch.md)
         result = sample(model.compute_logits(hidden[batch.logits_indices]), batch.sampling, penalties,
                         self.num_logprobs)
         penalties = record(penalties, batch.sampling.slots, result.tokens, batch.keep)
+        last_tokens = _remember(last_tokens, batch.sampling.slots, result.tokens, batch.keep)
         prompt = None
         if with_prompt_logprobs:
             prompt = _prompt_logprobs(model, hidden, batch.next_tokens, self.num_logprobs)
-        return jax.tree.map(lambda x: x[None], result), prompt, kv_cache, penalties
+        return jax.tree.map(lambda x: x[None], result), prompt, kv_cache, penalties, last_tokens
 
-    def _decode_loop(self, model, kv_cache, penalties: PenaltyState, batch: StepBatch, num_steps: int):
+    def _decode_loop(self, model, kv_cache, penalties: PenaltyState, last_tokens, batch: StepBatch, num_steps: int):
         """`num_steps` decode steps of one-token rows, each step's samples fed back as the next inputs. Step
         `i` runs the rows with `i < step_limits` (the others take no query token, as padding rows do); the
         scheduler reserved their pages. Results are `[num_steps, S]`."""
         num_tokens, num_seqs = batch.tokens.shape[0], batch.logits_indices.shape[0]
 
         def one_step(i, carry):
-            kv_cache, penalties, inputs, results = carry
+            kv_cache, penalties, last_tokens, inputs, results = carry
             active = i < batch.step_limits
             cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(active.astype(jnp.int32))])
             tokens = jnp.zeros(num_tokens, jnp.int32).at[jnp.where(active, cu_q_lens[:-1], num_tokens)].set(
@@ -275,23 +303,25 @@ class ModelRunner:
             result = sample(model.compute_logits(hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]), sampling, penalties,
                             self.num_logprobs)
             penalties = record(penalties, sampling.slots, result.tokens, batch.keep & active)
+            last_tokens = _remember(last_tokens, sampling.slots, result.tokens, batch.keep & active)
             results = jax.tree.map(lambda acc, x: acc.at[i].set(x), results, result)
-            return kv_cache, penalties, result.tokens, results
+            return kv_cache, penalties, last_tokens, result.tokens, results
 
         shapes = jax.eval_shape(lambda: sample(jnp.zeros((num_seqs, self.model_config.vocab_size)), batch.sampling,
                                                penalties, self.num_logprobs))
         results = jax.tree.map(lambda s: jnp.zeros((num_steps,) + s.shape, s.dtype), shapes)
-        carry = (kv_cache, penalties, batch.tokens[batch.logits_indices], results)
-        kv_cache, penalties, _, results = jax.lax.fori_loop(0, num_steps, one_step, carry)
-        return results, None, kv_cache, penalties
+        carry = (kv_cache, penalties, last_tokens, batch.tokens[batch.logits_indices], results)
+        kv_cache, penalties, last_tokens, _, results = jax.lax.fori_loop(0, num_steps, one_step, carry)
+        return results, None, kv_cache, penalties, last_tokens
 
     def warmup(self) -> None:
         """Run every compiled variant once on the allocated cache (first runs set up what the device keeps
         between runs), and compile the penalty-row reset, so that serving never waits."""
         for (bucket, num_steps, _), executable in self._executables.items():
             staging = self._staging[bucket]
-            result, _, self.kv_cache, self.penalties = executable(self.params, self.kv_cache, self.penalties,
-                                                                  self.page_table, staging.ints, staging.floats)
+            result, _, self.kv_cache, self.penalties, self.last_tokens = executable(
+                self.params, self.kv_cache, self.penalties, self.last_tokens, self.page_table, staging.ints,
+                staging.floats)
             jax.block_until_ready(result.tokens)
         self._write_pages(np.full((1, 3), self.page_table.shape[0], np.int32))  # a dropped row: compiles the update
         self.penalties = self._reset_row(self.penalties, np.int32(0), np.full(self.max_model_len, -1, np.int32),
@@ -302,9 +332,9 @@ class ModelRunner:
         buckets = self.config.token_buckets()
         return buckets[:buckets.index(self._bucket(min(self.config.max_num_seqs, buckets[-1]))) + 1]
 
-    def execute(self, out: SchedulerOutput) -> StepOutput:
-        """Run one step (several decode steps when the scheduler extended its chunks); results come back to
-        the host as numpy arrays, only those the step's requests need."""
+    def dispatch(self, out: SchedulerOutput) -> "InFlightStep":
+        """Start one step (several decode steps when the scheduler extended its chunks) on the devices and
+        return without waiting for it; `fetch` brings its results to the host."""
         want_prompt = any(c.request.params.prompt_logprobs is not None
                           and c.start < c.request.num_prompt_tokens for c in out.chunks)
         num_steps = self.num_scheduler_steps if any(c.num_steps > 1 for c in out.chunks) else 1
@@ -312,15 +342,25 @@ class ModelRunner:
         staging = self._staging[bucket]
         want_logprobs = self._pack(out, staging, want_prompt)
         pages = np.concatenate(self._page_updates) if self._page_updates else np.zeros((0, 3), np.int32)
-        message = StepMessage(bucket, num_steps, want_prompt, staging.ints, staging.floats, tuple(self._resets),
-                              pages)
+        # Copies: the staging buffers are refilled for the next step while this one may still be reading them.
+        message = StepMessage(bucket, num_steps, want_prompt, staging.ints.copy(), staging.floats.copy(),
+                              tuple(self._resets), pages)
         self._resets.clear()
         self._page_updates.clear()
+        if self.channel is not None:
+            self.channel.publish(message)
+        return InFlightStep(*self._guarded(lambda: self._run(message)), want_logprobs)
+
+    def fetch(self, step: "InFlightStep") -> StepOutput:
+        """Wait for a dispatched step; its results as numpy arrays, only those its requests need."""
+        return self._guarded(lambda: self._fetch(step.result, step.prompt, step.want_logprobs))
+
+    def _guarded(self, call):
+        """`call()`; across hosts, a failed collective means a follower is gone, which ends this process."""
         if self.channel is None:
-            return self._fetch(*self._run(message), want_logprobs)
-        self.channel.publish(message)
+            return call()
         try:
-            return self._fetch(*self._run(message), want_logprobs)
+            return call()
         except jax.errors.JaxRuntimeError as e:
             distributed.lost(f"step {self.channel.next - 1} failed, {distributed.followers()} is likely gone "
                              f"({distributed.message_of(e)})")
@@ -335,9 +375,9 @@ class ModelRunner:
         key = (message.bucket, message.num_steps, message.with_prompt_logprobs)
         if key not in self._executables:  # prompt logprobs: compiled on first use
             self._executables[key] = self._compile(*key, self.kv_cache.shape[1])
-        result, prompt, self.kv_cache, self.penalties = self._executables[key](
-            self.params, self.kv_cache, self.penalties, self.page_table, jax.device_put(message.ints),
-            jax.device_put(message.floats))
+        result, prompt, self.kv_cache, self.penalties, self.last_tokens = self._executables[key](
+            self.params, self.kv_cache, self.penalties, self.last_tokens, self.page_table,
+            jax.device_put(message.ints), jax.device_put(message.floats))
         return result, prompt
 
     def _write_pages(self, updates: np.ndarray) -> None:
@@ -383,6 +423,11 @@ class ModelRunner:
             tokens = np.full(self.max_model_len, -1, np.int32)
             tokens[:len(request.token_ids)] = request.token_ids
             self._resets.append(PenaltyReset(request.slot, tokens, request.num_prompt_tokens))
+
+
+def _remember(last_tokens: jax.Array, slots: jax.Array, tokens: jax.Array, keep: jax.Array) -> jax.Array:
+    """`last_tokens[slot] = token` for the sequences whose sample is kept (the others go to the spare row)."""
+    return last_tokens.at[jnp.where(keep, slots, last_tokens.shape[0] - 1)].set(tokens, mode="drop")
 
 
 def _set_pages(table: jax.Array, updates: jax.Array) -> jax.Array:
@@ -468,7 +513,9 @@ class _Staging:
         self._rows("slots", slots, self.padding_slot)
         for name in ("top_k", "seeds", "min_tokens"):
             self._rows(name, getattr(table, name)[slots], 0)
-        self._rows("steps", np.fromiter((c.request.num_output_tokens for c in chunks), np.int32, n), 0)
+        self._rows("steps", np.fromiter((c.request.num_tokens - c.request.num_prompt_tokens for c in chunks),
+                                        np.int32, n), 0)
+        self._rows("from_device", np.fromiter((c.from_device for c in chunks), np.int32, n), 0)
         self._rows("step_limits", np.fromiter((c.num_steps for c in chunks), np.int32, n), 0)
         self._rows("keep", np.fromiter((c.completes for c in chunks), np.int32, n), 0)
         v["banned"][:n] = table.banned[slots]
@@ -485,10 +532,12 @@ class _Staging:
 
     def _fill_tokens(self, chunks: list[ScheduledChunk], num_tokens: int, want_prompt: bool) -> None:
         v = self.views
-        if num_tokens == len(chunks):  # one token each: decodes
-            tokens = np.fromiter((c.request.token_ids[c.start] for c in chunks), np.int32, num_tokens)
+        if num_tokens == len(chunks):  # one token each: decodes (a pending one is filled in on the device)
+            tokens = np.fromiter((0 if c.from_device else c.request.token_ids[c.start] for c in chunks), np.int32,
+                                 num_tokens)
         else:
-            tokens = np.concatenate([c.request.token_ids[c.start:c.start + c.num_tokens] for c in chunks])
+            tokens = np.concatenate([[0] if c.from_device else c.request.token_ids[c.start:c.start + c.num_tokens]
+                                     for c in chunks])
         v["tokens"][:num_tokens], v["tokens"][num_tokens:] = tokens, 0
         if want_prompt:
             v["next_tokens"][:] = -1

@@ -23,18 +23,23 @@ from jaxllm.request import Request, Status
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledChunk:
-    """`num_tokens` tokens of `request`, starting at token `start`, go through the model this step."""
+    """`num_tokens` tokens of `request`, starting at token `start`, go through the model this step. What it
+    means for the request is fixed when it is scheduled (the request's counts move once it is dispatched)."""
 
     request: Request
     start: int
     num_tokens: int
     new: bool = False  # the request took its slot this step
     num_steps: int = 1  # decode steps this call runs for the request (more than one: a multi-step decode)
+    # The chunk reaches the request's last token, so that its sample is kept.
+    completes: bool = dataclasses.field(init=False)
+    # The chunk's token is one the previous step sampled and the host has not received: a decode chunk of a
+    # request with a pending token, whose input the step takes from the device.
+    from_device: bool = dataclasses.field(init=False)
 
-    @property
-    def completes(self) -> bool:
-        """Whether this chunk reaches the request's last token, so that its sample is kept."""
-        return self.start + self.num_tokens == len(self.request.token_ids)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "completes", self.start + self.num_tokens == self.request.num_tokens)
+        object.__setattr__(self, "from_device", self.start >= len(self.request.token_ids))
 
 
 @dataclasses.dataclass
@@ -84,9 +89,9 @@ class Scheduler:
         """A decode chunk running up to `num_scheduler_steps` steps, as many as the request may still sample
         and its pages can be reserved for (one step if they cannot)."""
         request = chunk.request
-        steps = min(self.num_scheduler_steps, request.max_tokens - request.num_output_tokens)
+        steps = min(self.num_scheduler_steps, request.max_tokens - (request.num_tokens - request.num_prompt_tokens))
         if self.max_model_len is not None:
-            steps = min(steps, self.max_model_len - len(request.token_ids))
+            steps = min(steps, self.max_model_len - request.num_tokens)
         if steps <= 1 or not self._reserve(request, request.num_computed_tokens + steps):
             return chunk
         return dataclasses.replace(chunk, num_steps=steps)
@@ -97,6 +102,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if self._sampled_all(request):  # finishes when its pending tokens arrive
+                i += 1
+                continue
             num_tokens = min(request.num_uncomputed_tokens, budget)
             while not self._reserve(request, request.num_computed_tokens + num_tokens):
                 victim = self.running.pop()  # the newest; never one already scheduled (those are before i)
@@ -108,6 +116,16 @@ class Scheduler:
             budget -= num_tokens
             i += 1
         return chunks, preempted
+
+    def _sampled_all(self, request: Request) -> bool:
+        """Whether the tokens still pending for `request` take it to its length limit (`max_tokens` or the
+        model length): it needs no more steps."""
+        if not request.num_pending:
+            return False
+        limit = request.num_prompt_tokens + request.max_tokens
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len)
+        return request.num_tokens >= limit
 
     def _admit_waiting(self, budget: int) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []

@@ -181,6 +181,22 @@ def test_staging_fields_start_256_byte_aligned():
     assert ends[-1] <= layout.size
 
 
+def test_the_next_step_is_dispatched_before_the_previous_one_is_fetched(llm, hf, monkeypatch):
+    """The devices get step N+1 before the host waits for step N's tokens (vLLM's async scheduling), the
+    request still gets exactly its greedy tokens, and no step is wasted when the output length is known."""
+    runner, calls = llm.llm_engine.runner, []
+    dispatch, fetch = runner.dispatch, runner.fetch
+    monkeypatch.setattr(runner, "dispatch", lambda out: (calls.append("dispatch"), dispatch(out))[1])
+    monkeypatch.setattr(runner, "fetch", lambda step: (calls.append("fetch"), fetch(step))[1])
+    prompt, params = list(range(5, 45)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, prompt, 12, None)
+    fetches = [i for i, call in enumerate(calls) if call == "fetch"]
+    assert calls.count("dispatch") == len(fetches) == 12  # a prefill and 11 decodes: none wasted
+    assert all(calls[:at].count("dispatch") == n + 2 for n, at in enumerate(fetches[:-1]))
+    assert_idle(llm.llm_engine, wait_s=0)
+
+
 def test_steps_send_only_new_pages(llm, monkeypatch):
     """The page table lives on the device, a row per slot: a step sends only the pages handed out since the
     last one (else every step would send the whole `[sequences, max_model_len / page]` table, 8 MiB per step
