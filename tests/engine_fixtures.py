@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import jax
 import torch
 import transformers
 
+from jaxllm import LLM
 from jaxllm.weights.sources import DEFAULT_MODEL, resolve_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +41,22 @@ def text_token_ids(tokenizer, count: int) -> list[list[int]]:
     text = " ".join(p.read_text() for p in sorted(ROOT.glob("docs/*.md")) + [ROOT / "README.md"])
     ids = tokenizer.encode(text)
     return [ids[i * 37:] for i in range(count)]
+
+
+def start_logged(model: str, **kwargs) -> tuple[LLM, str]:
+    """`LLM(model, **kwargs)` and its start-up line ("engine ready in ...")."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    engine_logger = logging.getLogger("jaxllm.llm_engine")
+    engine_logger.addHandler(handler)
+    try:
+        llm = LLM(model, **kwargs)
+    finally:
+        engine_logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("engine ready")]
+    assert len(lines) == 1, lines
+    return llm, lines[0]
 
 
 @contextlib.contextmanager

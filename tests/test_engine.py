@@ -1,14 +1,13 @@
 """The engine end to end on SmolLM2 (CPU, float32): parity with transformers, batch invariance under
 preemption and chunked prefill, seeds, logprobs, no compilation after warm-up, no leaked pages, errors."""
 
-import logging
 import re
 
 import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from tests.engine_fixtures import assert_idle, compilations, hf_greedy, hf_smollm2, text_token_ids
+from tests.engine_fixtures import assert_idle, compilations, hf_greedy, hf_smollm2, start_logged, text_token_ids
 
 CHATS = [
     "What is the capital of France?",
@@ -244,24 +243,14 @@ def test_start_up_logs_its_phases(tmp_path):
     compiled step variants (what a slow start is diagnosed from)."""
     from tests.tiny_models import make_tiny
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    engine_logger = logging.getLogger("jaxllm.llm_engine")
-    engine_logger.addHandler(handler)
-    try:
-        make_tiny("llama", tmp_path / "model")
-        llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
-                  max_num_batched_tokens=64, num_gpu_blocks_override=32,
-                  compilation_cache_dir=str(tmp_path / "xla"))
-    finally:
-        engine_logger.removeHandler(handler)
-    lines = [r.getMessage() for r in records if r.getMessage().startswith("engine ready")]
-    assert len(lines) == 1
+    make_tiny("llama", tmp_path / "model")
+    llm, line = start_logged(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
+                             max_num_batched_tokens=64, num_gpu_blocks_override=32,
+                             compilation_cache_dir=str(tmp_path / "xla"))
     match = re.fullmatch(r"engine ready in ([\d.]+) s: model, tokenizer and cache sizing ([\d.]+) s, (\d+) step "
                          r"variants \((\d+) loaded from the step cache, (\d+) compiled\) ([\d.]+) s, KV cache and "
-                         r"warm-up ([\d.]+) s", lines[0])
-    assert match, lines[0]
+                         r"warm-up ([\d.]+) s", line)
+    assert match, line
     total, *phases = (float(match[i]) for i in (1, 2, 6, 7))
     assert int(match[3]) == len(llm.llm_engine.runner._executables) == int(match[5])  # a new cache: all compiled
     assert int(match[4]) == 0

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from jaxllm import LLM, SamplingParams
+from tests.engine_fixtures import start_logged
 from tests.tiny_models import make_tiny
 
 PROMPTS = [{"prompt_token_ids": list(range(3 + i, 40 + 5 * i))} for i in range(3)]
@@ -26,18 +27,9 @@ def start(model_dir, cache_dir, logprobs: int, **overrides) -> tuple[LLM, tuple[
     """An engine on `cache_dir`; also how many step variants it (loaded, compiled), from its start-up line.
     JAX's own caches live for the whole process, so each test gives its programs their own `max_logprobs`
     (`logprobs`): its first start then compiles afresh, as a new process would."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    engine_logger = logging.getLogger("jaxllm.llm_engine")
-    engine_logger.addHandler(handler)
-    try:
-        llm = LLM(str(model_dir), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
-                  max_num_batched_tokens=64, num_gpu_blocks_override=32, num_scheduler_steps=4,
-                  compilation_cache_dir=str(cache_dir), max_logprobs=logprobs, **overrides)
-    finally:
-        engine_logger.removeHandler(handler)
-    line = next(r.getMessage() for r in records if r.getMessage().startswith("engine ready"))
+    llm, line = start_logged(str(model_dir), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
+                             max_num_batched_tokens=64, num_gpu_blocks_override=32, num_scheduler_steps=4,
+                             compilation_cache_dir=str(cache_dir), max_logprobs=logprobs, **overrides)
     counts = re.search(r"\((\d+) loaded from the step cache, (\d+) compiled\)", line)
     return llm, (int(counts[1]), int(counts[2]))
 
