@@ -32,8 +32,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, names: Sequence[str]
             continue
         flag = "--" + name.replace("_", "-")
         hint = str(hints[name])
-        if "bool" in hint:
-            parser.add_argument(flag, action="store_true", default=None)
+        if "bool" in hint:  # --flag / --no-flag, as vLLM's boolean options
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif "list" in hint:
             parser.add_argument(flag, action="append", default=None)
         elif "dict" in hint:

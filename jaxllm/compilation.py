@@ -27,11 +27,11 @@ from jax.experimental import serialize_executable
 logger = logging.getLogger(__name__)
 
 # Engine settings that do not change a compiled step (where the weights come from, seeds, how the KV cache
-# size is chosen: the cache's shape is part of the arguments' signature).
+# size is chosen: the cache's shape is part of the arguments' signature; when steps are dispatched).
 _UNCOMPILED_SETTINGS = frozenset({
     "model", "tokenizer", "seed", "skip_tokenizer_init", "generation_config", "compilation_cache_dir",
     "load_format", "gpu_memory_utilization", "num_gpu_blocks_override", "distributed_coordinator",
-    "distributed_heartbeat_timeout"})
+    "distributed_heartbeat_timeout", "async_scheduling"})
 _PACKAGES = ("jaxllm", "pallas_kernels")
 
 

@@ -46,6 +46,8 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     load_format: str = "auto"  # "dummy": random weights made on the devices (benchmarks), as in vLLM
     num_scheduler_steps: int | None = None  # decode steps per engine step for decode-only batches (vLLM's)
+    # Dispatch step N+1 before step N's tokens reach the host (vLLM's --async-scheduling; DESIGN rule 5).
+    async_scheduling: bool = True
     # Multi-host (jaxllm.distributed): all three to join a job, none to be one process (or auto on a TPU slice).
     distributed_coordinator: str | None = None  # host:port of process 0, the same on every process
     num_processes: int | None = None

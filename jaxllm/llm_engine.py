@@ -245,7 +245,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Dispatch the next model step (several decode steps for a multi-step batch), then process the one
-        before it: its tokens, stops and outputs. Returns the outputs of requests that moved."""
+        before it: its tokens, stops and outputs (with `async_scheduling` off: run one step and process it).
+        Returns the outputs of requests that moved."""
+        if not self.config.async_scheduling:
+            dispatched = self._dispatch()
+            return [] if dispatched is None else self._process(dispatched)
         if self._in_flight is None:
             self._in_flight = self._dispatch()
             if self._in_flight is None:

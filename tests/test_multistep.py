@@ -37,6 +37,11 @@ def multi(tiny, tmp_path_factory):
     return engine(tiny, tmp_path_factory, 4)
 
 
+@pytest.fixture(scope="module")
+def synchronous(tiny, tmp_path_factory):
+    return engine(tiny, tmp_path_factory, 4, async_scheduling=False)
+
+
 def prompts(count, seed=0):
     rng = np.random.default_rng(seed)
     return [{"prompt_token_ids": rng.integers(0, VOCAB, 3 + 17 * i).tolist()} for i in range(count)]
@@ -81,6 +86,19 @@ def test_multistep_tokens_equal_single_step_in_fewer_steps(single, multi):
     assert four_steps < one_steps / 2
     assert_idle(single.llm_engine, wait_s=0)
     assert_idle(multi.llm_engine, wait_s=0)
+
+
+def test_async_scheduling_gives_the_tokens_of_synchronous_steps(multi, synchronous):
+    """Dispatching step N+1 before step N's tokens are back (pending tokens read on the device, rows of
+    requests that stopped dropped) changes nothing a request sees: seeded and greedy tokens, stops,
+    penalties, logprobs and parallel samples are those of one-step-at-a-time scheduling."""
+    ahead, _ = run(multi, MIXED, seed=3)
+    behind, _ = run(synchronous, MIXED, seed=3)
+    assert tokens(ahead) == tokens(behind)
+    assert [o.outputs[0].finish_reason for o in ahead] == [o.outputs[0].finish_reason for o in behind]
+    assert ahead[4].outputs[0].cumulative_logprob == pytest.approx(behind[4].outputs[0].cumulative_logprob, abs=1e-5)
+    assert_idle(multi.llm_engine, wait_s=0)
+    assert_idle(synchronous.llm_engine, wait_s=0)
 
 
 @pytest.mark.parametrize("penalty,min_tokens", [(1.8, 0), (0.7, 0), (1.3, 8)])
