@@ -282,11 +282,11 @@ class LLMEngine:
         first_row = 0
         for row, chunk in enumerate(dispatched.scheduled.chunks):
             request = chunk.request
-            rows, first_row = first_row, first_row + chunk.num_tokens
+            chunk_row, first_row = first_row, first_row + chunk.num_tokens
             if request.finished:
                 continue
             if result.prompt is not None and request.params.prompt_logprobs is not None and request.index == 0:
-                self._record_prompt_logprobs(chunk, result.prompt, rows)
+                self._record_prompt_logprobs(chunk, result.prompt, chunk_row)
             if chunk.completes:
                 request.num_pending -= chunk.num_steps
                 group_id = self._append(request, result, row, chunk.num_steps)

@@ -89,9 +89,7 @@ class Scheduler:
         """A decode chunk running up to `num_scheduler_steps` steps, as many as the request may still sample
         and its pages can be reserved for (one step if they cannot)."""
         request = chunk.request
-        steps = min(self.num_scheduler_steps, request.max_tokens - (request.num_tokens - request.num_prompt_tokens))
-        if self.max_model_len is not None:
-            steps = min(steps, self.max_model_len - request.num_tokens)
+        steps = min(self.num_scheduler_steps, self._room(request))
         if steps <= 1 or not self._reserve(request, request.num_computed_tokens + steps):
             return chunk
         return dataclasses.replace(chunk, num_steps=steps)
@@ -102,7 +100,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._sampled_all(request):  # finishes when its pending tokens arrive
+            if request.num_pending and self._room(request) <= 0:  # finishes when its pending tokens arrive
                 i += 1
                 continue
             num_tokens = min(request.num_uncomputed_tokens, budget)
@@ -117,15 +115,13 @@ class Scheduler:
             i += 1
         return chunks, preempted
 
-    def _sampled_all(self, request: Request) -> bool:
-        """Whether the tokens still pending for `request` take it to its length limit (`max_tokens` or the
-        model length): it needs no more steps."""
-        if not request.num_pending:
-            return False
+    def _room(self, request: Request) -> int:
+        """Tokens `request` may still sample before its length limit (`max_tokens` or the model length),
+        counting those already pending."""
         limit = request.num_prompt_tokens + request.max_tokens
         if self.max_model_len is not None:
             limit = min(limit, self.max_model_len)
-        return request.num_tokens >= limit
+        return limit - request.num_tokens
 
     def _admit_waiting(self, budget: int) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
