@@ -5,6 +5,7 @@ copies, and the idle gaps between kernels by size with the kernels on either sid
 workload is `profile_decode.py`'s (`decode_workload`).
 
     python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--output-json PATH] [--dump-hlo PATH]
+        [--layers-per-iteration N]
 
 GPU busy here counts copies as well as kernels (CUPTI kernel records, as in `profile_decode.py`, miss copies
 made with `cudaMemcpyAsync`). `--dump-hlo` writes the optimized HLO of the smallest multi-step decode program.
@@ -51,21 +52,22 @@ def gaps(kernels: list[tuple[float, float, str]]) -> tuple[float, list[tuple[flo
     return busy, idle
 
 
-def summarize(data: ProfileData) -> dict:
+def summarize(data: ProfileData, steps: int = TOKENS) -> dict:
+    """The trace's figures per decode step (per token at batch 1), over `steps` steps."""
     kernels = gpu_kernels(data)
     busy, idle = gaps(kernels)
     span = kernels[-1][1] - kernels[0][0]
     sizes = np.array([g for g, _, _ in idle]) / 1e3
     edges = (0,) + GAP_EDGES_US + (float("inf"),)
-    histogram = {f"{lo}-{hi} us": [int(((sizes >= lo) & (sizes < hi)).sum()) / TOKENS,
-                                   float(sizes[(sizes >= lo) & (sizes < hi)].sum()) / 1e3 / TOKENS]
+    histogram = {f"{lo}-{hi} us": [int(((sizes >= lo) & (sizes < hi)).sum()) / steps,
+                                   float(sizes[(sizes >= lo) & (sizes < hi)].sum()) / 1e3 / steps]
                  for lo, hi in zip(edges[:-1], edges[1:])}
     longest = sorted(idle, reverse=True)[:20]
     totals, counts = by_name((name, stop - start) for start, stop, name in kernels)
-    return {"span_ms_per_token": span / 1e6 / TOKENS, "gpu_busy_ms_per_token": busy / 1e6 / TOKENS,
-            "kernels_per_token": len(kernels) / TOKENS,
+    return {"span_ms_per_token": span / 1e6 / steps, "gpu_busy_ms_per_token": busy / 1e6 / steps,
+            "kernels_per_token": len(kernels) / steps,
             "gaps_per_token_by_size": histogram,
-            "top_kernels": [[n, ns / 1e6 / TOKENS, counts[n] / TOKENS] for n, ns in totals.most_common(25)],
+            "top_kernels": [[n, ns / 1e6 / steps, counts[n] / steps] for n, ns in totals.most_common(25)],
             "longest_gaps": [[g / 1e3, before[:80], after[:80]] for g, before, after in longest]}
 
 
@@ -74,8 +76,10 @@ def main() -> None:
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
     parser.add_argument("--output-json")
     parser.add_argument("--dump-hlo")
+    parser.add_argument("--layers-per-iteration", type=int, help="layers per layer-scan iteration (fresh caches)")
     args = parser.parse_args()
-    llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16)
+    llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16,
+                                     layers_per_iteration=args.layers_per_iteration)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
         key = min(k for k in runner._executables if k[1] > 1)

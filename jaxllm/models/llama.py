@@ -26,6 +26,9 @@ from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
 
 Rope = tuple[jax.Array, jax.Array]
 
+# Decoder layers per iteration of the layer scan (`jax.lax.scan`'s `unroll`).
+LAYERS_PER_ITERATION = 1
+
 
 class Attention(nnx.Module):
     """Grouped-query self-attention over the paged cache. K and V are one parameter (`kv_proj [embed, 2,
@@ -160,7 +163,8 @@ class LlamaForCausalLM(nnx.Module):
         # The weights go in as the scan's xs: sliced by the loop counter, XLA's GEMMs read them in place
         # (slicing by another index made XLA copy every layer's weights first).
         depth = jax.tree.leaves(stacked)[0].shape[0]
-        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)))
+        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)),
+                                        unroll=LAYERS_PER_ITERATION)
         return x, kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,112 @@
+"""Where a decode step's time goes at a ShareGPT-like batch: `--batch` sequences of `--prompt-len` random
+tokens (Llama-3.1-8B shape, random bfloat16 weights, the engine's default buckets) are prefilled, then
+`--calls` engine steps of pure decode are timed and traced with `jax.profiler`. Reports ms per decode step
+(every sequence gains one token), GPU busy time, the time of each kind of kernel (GEMMs, the attention
+kernel, copies, the other XLA fusions) and the idle gaps, as `decode_timeline.py` does for batch 1.
+
+    python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--calls 8]
+        [--num-scheduler-steps 8] [--layers-per-iteration N] [--random-weights llama3-8b] [--output-json PATH]
+
+The cost model of `sharegpt_step_model.py` charges such a step the weights, a fixed overhead and every
+sequence's KV context; this measures those parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import tempfile
+import time
+
+import jax
+import numpy as np
+from decode_timeline import summarize
+from jax.profiler import ProfileData
+from profile_decode import layer_unroll
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.bench.presets import random_weights_dir
+
+KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma")), ("attention", ("mosaic",)),
+         ("copy", ("memcpy", "Memcpy")))
+
+
+def kind_of(name: str) -> str:
+    """GEMM, attention, copy or other (XLA's fusions: norms, rotary, the K/V write, sampling...)."""
+    return next((kind for kind, marks in KINDS if any(m in name for m in marks)), "other")
+
+
+def tokens_of(engine, ids: list[str]) -> dict[str, int]:
+    """Output tokens the host has received for each request."""
+    live = {r.request_id: r for r in [*engine.scheduler.running, *engine.scheduler.waiting]}
+    return {i: live[i].num_output_tokens for i in ids}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--random-weights", default="llama3-8b", help="a preset or a transformers config.json")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=448)
+    parser.add_argument("--calls", type=int, default=8, help="engine steps traced once every prompt is in")
+    parser.add_argument("--num-scheduler-steps", type=int, default=8)
+    parser.add_argument("--layers-per-iteration", type=int)
+    parser.add_argument("--output-json")
+    args = parser.parse_args()
+    llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
+              num_scheduler_steps=args.num_scheduler_steps, **layer_unroll(args.layers_per_iteration))
+    engine = llm.llm_engine
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=1024 - args.prompt_len - 8)
+
+    def decode_window(trace_dir: str | None) -> tuple[float, int, float]:
+        """Prefill a fresh batch, then run `calls` steps: (ms per decode step, steps, mean context)."""
+        ids = [f"r{engine.get_num_unfinished_requests()}-{i}-{time.perf_counter_ns()}" for i in range(args.batch)]
+        for i in ids:
+            engine.add_request(i, {"prompt_token_ids": rng.integers(0, engine.model_config.vocab_size, args.prompt_len).tolist()}, params)
+        while min(tokens_of(engine, ids).values()) < 1:
+            engine.step()
+        before = tokens_of(engine, ids)
+        context = np.mean([args.prompt_len + n for n in before.values()])
+        start = time.perf_counter()
+        if trace_dir:
+            jax.profiler.start_trace(trace_dir)
+        for _ in range(args.calls):
+            engine.step()
+        jax.effects_barrier()
+        if trace_dir:
+            jax.profiler.stop_trace()
+        wall = time.perf_counter() - start
+        steps = min(after - before[i] for i, after in tokens_of(engine, ids).items())
+        engine.abort_request(ids)
+        while engine.has_unfinished_requests():
+            engine.step()
+        return wall / steps * 1e3, steps, context
+
+    decode_window(None)  # compiles every program the window uses
+    wall, steps, context = decode_window(None)
+    trace_dir = tempfile.mkdtemp()
+    _, traced_steps, _ = decode_window(trace_dir)
+    summary = summarize(ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]),
+                        traced_steps)
+    kinds: dict[str, float] = {}
+    for name, ms, _ in summary["top_kernels"]:
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+    summary.update(wall_ms_per_step=wall, steps=steps, mean_context=context, batch=args.batch,
+                   ms_per_step_by_kind=kinds, layers_per_iteration=args.layers_per_iteration)
+    print(f"batch {args.batch}, mean context {context:.0f}: wall {wall:.2f} ms/step untraced "
+          f"({args.batch / wall * 1e3:.0f} tokens/s); traced: GPU busy {summary['gpu_busy_ms_per_token']:.2f} "
+          f"ms/step, {summary['kernels_per_token']:.0f} kernels/step")
+    print("| kind | ms/step (top 25 kernels) |\n| --- | --- |")
+    for kind, ms in kinds.items():
+        print(f"| {kind} | {ms:.3f} |")
+    print("| kernel or copy | ms/step | per step |\n| --- | --- | --- |")
+    for name, ms, count in summary["top_kernels"][:15]:
+        print(f"| {name} | {ms:.3f} | {count:.1f} |")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
