@@ -53,8 +53,9 @@ def main() -> None:
     parser.add_argument("--layers-per-iteration", type=int)
     parser.add_argument("--output-json")
     args = parser.parse_args()
-    llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
-              num_scheduler_steps=args.num_scheduler_steps, **layer_unroll(args.layers_per_iteration))
+    llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True,
+              max_model_len=1024, num_scheduler_steps=args.num_scheduler_steps,
+              **layer_unroll(args.layers_per_iteration))
     engine = llm.llm_engine
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=1024 - args.prompt_len - 8)
@@ -62,8 +63,9 @@ def main() -> None:
     def decode_window(trace_dir: str | None) -> tuple[float, int, float]:
         """Prefill a fresh batch, then run `calls` steps: (ms per decode step, steps, mean context)."""
         ids = [f"r{engine.get_num_unfinished_requests()}-{i}-{time.perf_counter_ns()}" for i in range(args.batch)]
+        vocab = engine.model_config.vocab_size
         for i in ids:
-            engine.add_request(i, {"prompt_token_ids": rng.integers(0, engine.model_config.vocab_size, args.prompt_len).tolist()}, params)
+            engine.add_request(i, {"prompt_token_ids": rng.integers(0, vocab, args.prompt_len).tolist()}, params)
         while min(tokens_of(engine, ids).values()) < 1:
             engine.step()
         before = tokens_of(engine, ids)
