@@ -1,11 +1,13 @@
 """Where a decode step's time goes at a ShareGPT-like batch: `--batch` sequences of `--prompt-len` random
 tokens (Llama-3.1-8B shape, random bfloat16 weights, the engine's default buckets) are prefilled, then
 `--calls` engine steps of pure decode are timed and traced with `jax.profiler`. Reports ms per decode step
-(every sequence gains one token), GPU busy time, the time of each kind of kernel (GEMMs, the attention
+(every sequence gains one token), the host's time per step in the engine's phases (dispatch, waiting for
+results, processing them), GPU busy time, the time of each kind of kernel (GEMMs, the attention
 kernel, copies, the other XLA fusions) and the idle gaps, as `decode_timeline.py` does for batch 1.
 
     python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--calls 8]
-        [--num-scheduler-steps 8] [--layers-per-iteration N] [--random-weights llama3-8b] [--output-json PATH]
+        [--num-scheduler-steps 8] [--block-kv N] [--num-stages N] [--random-weights llama3-8b]
+        [--output-json PATH]
 
 The cost model of `sharegpt_step_model.py` charges such a step the weights, a fixed overhead and every
 sequence's KV context; this measures those parts.
@@ -23,7 +25,6 @@ import jax
 import numpy as np
 from decode_timeline import summarize
 from jax.profiler import ProfileData
-from profile_decode import layer_unroll
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.bench.presets import random_weights_dir
@@ -35,6 +36,35 @@ KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma")), ("attention", ("mo
 def kind_of(name: str) -> str:
     """GEMM, attention, copy or other (XLA's fusions: norms, rotary, the K/V write, sampling...)."""
     return next((kind for kind, marks in KINDS if any(m in name for m in marks)), "other")
+
+
+class HostTimes:
+    """Seconds the host spends in the engine's phases: scheduling and dispatching a step, waiting for a
+    step's results, and processing them (the rest of `_process`)."""
+
+    def __init__(self, engine):
+        self.seconds = {"dispatch": 0.0, "fetch_wait": 0.0, "process": 0.0}
+        self.on = False
+        self._wrap(engine, "_dispatch", "dispatch")
+        self._wrap(engine.runner, "fetch", "fetch_wait")
+        self._wrap(engine, "_process", "process")
+
+    def _wrap(self, owner, method: str, phase: str) -> None:
+        inner = getattr(owner, method)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if self.on:
+                    self.seconds[phase] += time.perf_counter() - start
+
+        setattr(owner, method, timed)
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        own = dict(self.seconds, process=self.seconds["process"] - self.seconds["fetch_wait"])
+        return {phase: s / steps * 1e3 for phase, s in own.items()}
 
 
 def tokens_of(engine, ids: list[str]) -> dict[str, int]:
@@ -50,17 +80,20 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=448)
     parser.add_argument("--calls", type=int, default=8, help="engine steps traced once every prompt is in")
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
-    parser.add_argument("--layers-per-iteration", type=int)
+    parser.add_argument("--block-kv", type=int, help="the attention kernel's KV tokens per pipeline step")
+    parser.add_argument("--num-stages", type=int, help="the attention kernel's pipeline steps in flight")
     parser.add_argument("--output-json")
     args = parser.parse_args()
+    blocks = {k: v for k, v in (("block_kv", args.block_kv), ("num_stages", args.num_stages)) if v}
     llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=1024, num_scheduler_steps=args.num_scheduler_steps,
-              **layer_unroll(args.layers_per_iteration))
+              max_model_len=1024, num_scheduler_steps=args.num_scheduler_steps, max_num_seqs=args.batch,
+              attention_block_sizes=blocks or None)
     engine = llm.llm_engine
+    host = HostTimes(engine)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=1024 - args.prompt_len - 8)
 
-    def decode_window(trace_dir: str | None) -> tuple[float, int, float]:
+    def decode_window(trace_dir: str | None, timed: bool = False) -> tuple[float, int, float]:
         """Prefill a fresh batch, then run `calls` steps: (ms per decode step, steps, mean context)."""
         ids = [f"r{engine.get_num_unfinished_requests()}-{i}-{time.perf_counter_ns()}" for i in range(args.batch)]
         vocab = engine.model_config.vocab_size
@@ -70,6 +103,7 @@ def main() -> None:
             engine.step()
         before = tokens_of(engine, ids)
         context = np.mean([args.prompt_len + n for n in before.values()])
+        host.on = timed
         start = time.perf_counter()
         if trace_dir:
             jax.profiler.start_trace(trace_dir)
@@ -79,6 +113,7 @@ def main() -> None:
         if trace_dir:
             jax.profiler.stop_trace()
         wall = time.perf_counter() - start
+        host.on = False
         steps = min(after - before[i] for i, after in tokens_of(engine, ids).items())
         engine.abort_request(ids)
         while engine.has_unfinished_requests():
@@ -86,7 +121,7 @@ def main() -> None:
         return wall / steps * 1e3, steps, context
 
     decode_window(None)  # compiles every program the window uses
-    wall, steps, context = decode_window(None)
+    wall, steps, context = decode_window(None, timed=True)
     trace_dir = tempfile.mkdtemp()
     _, traced_steps, _ = decode_window(trace_dir)
     summary = summarize(ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]),
@@ -95,10 +130,13 @@ def main() -> None:
     for name, ms, _ in summary["top_kernels"]:
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
     summary.update(wall_ms_per_step=wall, steps=steps, mean_context=context, batch=args.batch,
-                   ms_per_step_by_kind=kinds, layers_per_iteration=args.layers_per_iteration)
+                   ms_per_step_by_kind=kinds,
+                   host_ms_per_step=host.per_step_ms(steps), attention_block_sizes=blocks)
     print(f"batch {args.batch}, mean context {context:.0f}: wall {wall:.2f} ms/step untraced "
           f"({args.batch / wall * 1e3:.0f} tokens/s); traced: GPU busy {summary['gpu_busy_ms_per_token']:.2f} "
           f"ms/step, {summary['kernels_per_token']:.0f} kernels/step")
+    print("host, ms/step (untraced window): " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                          summary["host_ms_per_step"].items()))
     print("| kind | ms/step (top 25 kernels) |\n| --- | --- |")
     for kind, ms in kinds.items():
         print(f"| {kind} | {ms:.3f} |")

@@ -5,7 +5,6 @@ copies, and the idle gaps between kernels by size with the kernels on either sid
 workload is `profile_decode.py`'s (`decode_workload`).
 
     python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--output-json PATH] [--dump-hlo PATH]
-        [--layers-per-iteration N]
 
 GPU busy here counts copies as well as kernels (CUPTI kernel records, as in `profile_decode.py`, miss copies
 made with `cudaMemcpyAsync`). `--dump-hlo` writes the optimized HLO of the smallest multi-step decode program.
@@ -76,10 +75,8 @@ def main() -> None:
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
     parser.add_argument("--output-json")
     parser.add_argument("--dump-hlo")
-    parser.add_argument("--layers-per-iteration", type=int, help="layers per layer-scan iteration (fresh caches)")
     args = parser.parse_args()
-    llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16,
-                                     layers_per_iteration=args.layers_per_iteration)
+    llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
         key = min(k for k in runner._executables if k[1] > 1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import tempfile
 import time
 from typing import Callable, Iterable
 
@@ -23,7 +22,6 @@ from jax.experimental.mosaic.gpu import profiler
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.bench.presets import random_weights_dir
-from jaxllm.models import llama
 
 TOKENS = 64
 
@@ -41,13 +39,12 @@ def cupti_kernels(fn) -> list[tuple[str, float]]:
 
 
 def decode_workload(num_scheduler_steps: int, max_num_batched_tokens: int | None = None,
-                    max_num_seqs: int | None = None,
-                    layers_per_iteration: int | None = None) -> tuple[LLM, Callable[[], None], float]:
+                    max_num_seqs: int | None = None) -> tuple[LLM, Callable[[], None], float]:
     """The engine and the call every decode profile looks at: generate TOKENS tokens after a 512-token
     prompt. Returns the engine, the call, and its wall time in ms per token, timed once it is warm."""
     llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
               num_scheduler_steps=num_scheduler_steps, max_num_batched_tokens=max_num_batched_tokens,
-              max_num_seqs=max_num_seqs, **layer_unroll(layers_per_iteration))
+              max_num_seqs=max_num_seqs)
     prompt = [{"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, 512).tolist()}]
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=TOKENS)
 
@@ -58,15 +55,6 @@ def decode_workload(num_scheduler_steps: int, max_num_batched_tokens: int | None
     start = time.perf_counter()
     run()
     return llm, run, (time.perf_counter() - start) / TOKENS * 1e3
-
-
-def layer_unroll(layers_per_iteration: int | None) -> dict:
-    """Sets the model's layers per layer-scan iteration for a measurement. The setting is a constant of the
-    model's source, which neither compilation cache keys on, so the engine gets fresh caches."""
-    if layers_per_iteration is None:
-        return {}
-    llama.LAYERS_PER_ITERATION = layers_per_iteration
-    return {"compilation_cache_dir": tempfile.mkdtemp(prefix=f"unroll{layers_per_iteration}-")}
 
 
 def by_name(kernels: Iterable[tuple[str, float]]) -> tuple[collections.Counter, collections.Counter]:

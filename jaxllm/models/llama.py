@@ -26,9 +26,6 @@ from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
 
 Rope = tuple[jax.Array, jax.Array]
 
-# Decoder layers per iteration of the layer scan (`jax.lax.scan`'s `unroll`).
-LAYERS_PER_ITERATION = 1
-
 
 class Attention(nnx.Module):
     """Grouped-query self-attention over the paged cache. K and V are one parameter (`kv_proj [embed, 2,
@@ -161,10 +158,10 @@ class LlamaForCausalLM(nnx.Module):
             return layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes), None
 
         # The weights go in as the scan's xs: sliced by the loop counter, XLA's GEMMs read them in place
-        # (slicing by another index made XLA copy every layer's weights first).
+        # (slicing by another index made XLA copy every layer's weights first, and so does unrolling the scan:
+        # two or four layers an iteration took 16.9 ms per batch-1 token on an H100 against 7.5).
         depth = jax.tree.leaves(stacked)[0].shape[0]
-        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)),
-                                        unroll=LAYERS_PER_ITERATION)
+        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)))
         return x, kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
