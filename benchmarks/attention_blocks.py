@@ -1,5 +1,5 @@
-"""The Mosaic GPU attention kernel's block sizes at decode shapes: GPU time of one layer's decode attention
-(Llama-3-8B heads, bfloat16, pages of 16 tokens; the kernel and XLA's split merge) for each
+"""The Mosaic GPU attention kernel's block sizes at decode and prefill shapes: GPU time of one layer's
+attention (Llama-3-8B heads, bfloat16, pages of 16 tokens; the kernel and XLA's split merge) for each
 (block_kv, num_stages) against the KV bytes it reads, and each variant's worst error against the default's
 output. Fewer stages take less shared memory, so that two blocks may share an SM and one block's pipeline
 fill overlaps another's work.
@@ -18,7 +18,14 @@ from attention import HEAD_DIM, KV_HEADS, attend_fn, gpu_time, ragged_batch
 
 from pallas_kernels import gpu
 
-SHAPES = ((1, 512), (64, 2048), (256, 480), (256, 1024))  # (batch, context)
+CASES = {  # name: (query tokens of each sequence, context of each sequence)
+    "decode 1 x 512": ([1], [512]),
+    "decode 64 x 2048": ([1] * 64, [2048] * 64),
+    "decode 256 x 480": ([1] * 256, [480] * 256),
+    "decode 256 x 1024": ([1] * 256, [1024] * 256),
+    "prefill 512 (context 1024) + 63 decodes x 2048": ([512] + [1] * 63, [1024] + [2048] * 63),
+    "prefill 2048": ([2048], [2048]),
+}
 VARIANTS = ((64, 3), (64, 2), (64, 4), (128, 2))  # (block_kv, num_stages); the first is the default
 
 
@@ -27,22 +34,22 @@ def main() -> None:
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = []
-    print("| batch | context | block_kv | stages | ms | TB/s | max abs diff vs default |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for batch, context in SHAPES:
-        q, cache, md = ragged_batch([1] * batch, [context] * batch, 16, jax.random.key(batch + context))
-        kv_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2
+    print("| case | block_kv | stages | ms | KV TB/s | max abs diff vs default |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for i, (case, (q_lens, contexts)) in enumerate(CASES.items()):
+        q, cache, md = ragged_batch(q_lens, contexts, 16, jax.random.key(i))
+        kv_bytes = sum(contexts) * KV_HEADS * HEAD_DIM * 2 * 2
         base = None
         for block_kv, stages in VARIANTS:
             fn = attend_fn("pallas_gpu", sizes=gpu.BlockSizes(block_kv=block_kv, num_stages=stages))
             out = np.asarray(fn(q, cache, md), np.float32)
             base = out if base is None else base
             seconds = gpu_time(fn, q, cache, md)
-            row = {"batch": batch, "context": context, "block_kv": block_kv, "num_stages": stages,
+            row = {"case": case, "block_kv": block_kv, "num_stages": stages,
                    "ms": seconds * 1e3, "tb_per_s": kv_bytes / seconds / 1e12,
                    "max_abs_diff": float(np.abs(out - base).max())}
             rows.append(row)
-            print(f"| {batch} | {context} | {block_kv} | {stages} | {row['ms']:.3f} | {row['tb_per_s']:.2f} | "
+            print(f"| {case} | {block_kv} | {stages} | {row['ms']:.3f} | {row['tb_per_s']:.2f} | "
                   f"{row['max_abs_diff']:.2e} |")
         del q, cache
     if args.output_json:

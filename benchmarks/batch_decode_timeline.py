@@ -39,13 +39,15 @@ def kind_of(name: str) -> str:
 
 
 class HostTimes:
-    """Seconds the host spends in the engine's phases: scheduling and dispatching a step, waiting for a
-    step's results, and processing them (the rest of `_process`)."""
+    """Seconds the host spends in the engine's phases: scheduling and dispatching a step (and of that,
+    writing its new pages into the device page table), waiting for a step's results, and processing them
+    (the rest of `_process`)."""
 
     def __init__(self, engine):
-        self.seconds = {"dispatch": 0.0, "fetch_wait": 0.0, "process": 0.0}
+        self.seconds = {"dispatch": 0.0, "page_updates": 0.0, "fetch_wait": 0.0, "process": 0.0}
         self.on = False
         self._wrap(engine, "_dispatch", "dispatch")
+        self._wrap(engine.runner, "_write_pages", "page_updates")
         self._wrap(engine.runner, "fetch", "fetch_wait")
         self._wrap(engine, "_process", "process")
 
