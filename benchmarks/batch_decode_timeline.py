@@ -7,7 +7,7 @@ kernel, copies, the other XLA fusions) and the idle gaps, as `decode_timeline.py
 
     python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--calls 8]
         [--num-scheduler-steps 8] [--block-kv N] [--num-stages N] [--random-weights llama3-8b]
-        [--output-json PATH]
+        [--profile-host PATH] [--output-json PATH]
 
 The cost model of `sharegpt_step_model.py` charges such a step the weights, a fixed overhead and every
 sequence's KV context; this measures those parts.
@@ -16,8 +16,10 @@ sequence's KV context; this measures those parts.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import glob
 import json
+import pstats
 import tempfile
 import time
 
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
     parser.add_argument("--block-kv", type=int, help="the attention kernel's KV tokens per pipeline step")
     parser.add_argument("--num-stages", type=int, help="the attention kernel's pipeline steps in flight")
+    parser.add_argument("--profile-host", help="write a cProfile of the untraced window here and print its top")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     blocks = {k: v for k, v in (("block_kv", args.block_kv), ("num_stages", args.num_stages)) if v}
@@ -95,7 +98,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=1024 - args.prompt_len - 8)
 
-    def decode_window(trace_dir: str | None, timed: bool = False) -> tuple[float, int, float]:
+    def decode_window(trace_dir: str | None, timed: bool = False,
+                      profile: cProfile.Profile | None = None) -> tuple[float, int, float]:
         """Prefill a fresh batch, then run `calls` steps: (ms per decode step, steps, mean context)."""
         ids = [f"r{engine.get_num_unfinished_requests()}-{i}-{time.perf_counter_ns()}" for i in range(args.batch)]
         vocab = engine.model_config.vocab_size
@@ -109,9 +113,13 @@ def main() -> None:
         start = time.perf_counter()
         if trace_dir:
             jax.profiler.start_trace(trace_dir)
+        if profile:
+            profile.enable()
         for _ in range(args.calls):
             engine.step()
         jax.effects_barrier()
+        if profile:
+            profile.disable()
         if trace_dir:
             jax.profiler.stop_trace()
         wall = time.perf_counter() - start
@@ -123,7 +131,11 @@ def main() -> None:
         return wall / steps * 1e3, steps, context
 
     decode_window(None)  # compiles every program the window uses
-    wall, steps, context = decode_window(None, timed=True)
+    profile = cProfile.Profile() if args.profile_host else None
+    wall, steps, context = decode_window(None, timed=True, profile=profile)
+    if profile:
+        profile.dump_stats(args.profile_host)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     trace_dir = tempfile.mkdtemp()
     _, traced_steps, _ = decode_window(trace_dir)
     summary = summarize(ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]),
