@@ -157,6 +157,9 @@ def main() -> None:
     print("| kernel or copy | ms/step | per step |\n| --- | --- | --- |")
     for name, ms, count in summary["top_kernels"][:15]:
         print(f"| {name} | {ms:.3f} | {count:.1f} |")
+    print("| host event | ms/step | per step |\n| --- | --- | --- |")
+    for name, ms, count in summary["host_events"][:15]:
+        print(f"| {name} | {ms:.3f} | {count:.1f} |")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(summary, f, indent=1)

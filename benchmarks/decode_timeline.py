@@ -38,6 +38,14 @@ def gpu_kernels(data: ProfileData) -> list[tuple[float, float, str]]:
     return sorted(out)
 
 
+def host_events(data: ProfileData, steps: int) -> list[list]:
+    """[name, ms per step, count per step] of the host's traced events (XLA's thunks, JAX's dispatch), the
+    longest first: where the host waits on the device shows up here."""
+    totals, counts = by_name((e.name, e.duration_ns) for plane in data.planes if plane.name.startswith("/host")
+                             for line in plane.lines for e in line.events)
+    return [[n, ns / 1e6 / steps, counts[n] / steps] for n, ns in totals.most_common(20)]
+
+
 def gaps(kernels: list[tuple[float, float, str]]) -> tuple[float, list[tuple[float, str, str]]]:
     """GPU busy ns (the union of the intervals) and each idle gap: (ns, kernel before, kernel after)."""
     busy, idle = 0.0, []
@@ -67,7 +75,8 @@ def summarize(data: ProfileData, steps: int = TOKENS) -> dict:
             "kernels_per_token": len(kernels) / steps,
             "gaps_per_token_by_size": histogram,
             "top_kernels": [[n, ns / 1e6 / steps, counts[n] / steps] for n, ns in totals.most_common(25)],
-            "longest_gaps": [[g / 1e3, before[:80], after[:80]] for g, before, after in longest]}
+            "longest_gaps": [[g / 1e3, before[:80], after[:80]] for g, before, after in longest],
+            "host_events": host_events(data, steps)}
 
 
 def main() -> None:
