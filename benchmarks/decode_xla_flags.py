@@ -13,6 +13,8 @@ buffers did not move (`SKIP_TEMP`).
 GEMM fusions back: the layer scan slices each layer's weights out of the stacked arrays, and XLA copies those
 slices before Triton GEMMs (about 230 copies and 9.6 ms per token on an H100), while cuBLAS reads them in place.
 `dot_merger` turns XLA's dot merger back on, which concatenates each layer's q, k and v weights.
+`trace_cache_N` keeps N recorded traces per command (XLA's default is 16): a cuBLAS GEMM in a command buffer
+is recorded by tracing it, once per set of buffer addresses, and the layer scan gives each GEMM 32.
 
     python benchmarks/decode_xla_flags.py [--variants default off ...] [--timeout 240] [--dump-hlo-dir DIR]
 """
@@ -36,6 +38,8 @@ VARIANTS = {
                                 "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
     "triton_gemm": "--xla_gpu_enable_triton_gemm=true",
     "dot_merger": "--xla_disable_hlo_passes=",
+    "trace_cache_64": "--xla_cmd_buffer_trace_cache_size=64",
+    "trace_cache_256": "--xla_cmd_buffer_trace_cache_size=256",
 }
 TIMELINE = Path(__file__).resolve().parent / "decode_timeline.py"
 
