@@ -26,7 +26,7 @@ CASES = {  # name: (query tokens of each sequence, context of each sequence)
     "prefill 512 (context 1024) + 63 decodes x 2048": ([512] + [1] * 63, [1024] + [2048] * 63),
     "prefill 2048": ([2048], [2048]),
 }
-VARIANTS = ((64, 3), (64, 2), (64, 4), (128, 2))  # (block_kv, num_stages); the first is the default
+VARIANTS = ((64, 2), (64, 3), (64, 4), (128, 2))  # (block_kv, num_stages); the first is the default
 
 
 def main() -> None:
