@@ -88,7 +88,7 @@ def main() -> None:
     llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
-        key = min(k for k in runner._executables if k[1] > 1)
+        key = min(k for k in runner._executables if k.num_steps > 1 and k.plain_sampling)
         with open(args.dump_hlo, "w") as f:
             f.write(runner._executables[key].as_text())
     trace_dir = tempfile.mkdtemp()

@@ -155,8 +155,9 @@ class PenaltyReset:
 
 @dataclasses.dataclass(frozen=True)
 class StepMessage:
-    """One runner step as the devices see it: which program (bucket, num_steps, prompt logprobs) and its
-    packed host inputs (`_Staging.ints` / `.floats`), after the penalty resets and the page-table updates."""
+    """One runner step as the devices see it: which program (bucket, num_steps, prompt logprobs, plain
+    sampling) and its packed host inputs (`_Staging.ints` / `.floats`), after the penalty resets and the
+    page-table updates."""
 
     bucket: int
     num_steps: int
@@ -165,6 +166,7 @@ class StepMessage:
     floats: np.ndarray
     resets: tuple[PenaltyReset, ...] = ()
     page_updates: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))  # [N, 3]
+    plain_sampling: bool = False  # no row filters or wants logprobs: the program without them
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,10 @@ lives on the device with a row per slot (a step sends only the pages handed out 
 the token statistics of the penalties stay on the device (`PenaltyState`), so a step gathers rows by slot
 into two reused flat staging buffers (int32 and float32) and transfers just those two. A decode-only batch
 can run `num_scheduler_steps` steps in one call: a loop inside the compiled step feeds each sampled token
-back as the next input, so the host pays once for several tokens.
+back as the next input, so the host pays once for several tokens. Each multi-step decode bucket is compiled
+twice: with the sampler's run-time choices (top-k/top-p/min-p filtering, logprobs), and plain, without them,
+for batches in which no request filters or wants logprobs (`sampling.sample`'s `plain`: XLA:GPU decides a
+`cond` on the host, waiting for the device, so only the plain program lets the host queue steps ahead).
 
 `dispatch` starts a step and returns; `fetch` waits for its results. The engine dispatches step N+1 before
 it fetches step N, so a sequence's input token may be one step N is still sampling: the step keeps each
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +47,7 @@ from jaxllm.sampling import (
     SampleResult,
     SamplingInputs,
     empty_penalty_state,
+    filters_any,
     ranks_and_top,
     record,
     reset_row,
@@ -61,6 +66,16 @@ _FLOAT_DEFAULTS = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # paddin
 _ALIGN = 64
 PAGE_UPDATES = 256  # (slot, column, page) entries written into the device page table per update call
 PROMPT_LOGPROB_ROWS = 256  # rows of a step whose prompt logprobs are computed together
+
+
+class StepKey(NamedTuple):
+    """Which compiled program runs a step: its token bucket, decode steps per call, whether it computes prompt
+    logprobs, and whether its sampling is plain (no filtering, no logprobs: see `sampling.sample`)."""
+
+    bucket: int
+    num_steps: int
+    with_prompt_logprobs: bool = False
+    plain_sampling: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,9 +232,9 @@ class ModelRunner:
         # Across hosts the results must be replicated, so that process 0 holds them whole.
         results = replicated if distributed.is_multiprocess() else None
         self._step = jax.jit(self._forward, donate_argnums=(1, 2, 3),
-                             static_argnames=("bucket", "num_steps", "with_prompt_logprobs"),
+                             static_argnames=("bucket", "num_steps", "with_prompt_logprobs", "plain_sampling"),
                              out_shardings=(results, results, self.cache_sharding, replicated, replicated))
-        self._executables: dict[tuple[int, int, bool], jax.stages.Compiled] = {}  # (bucket, steps, prompt lp)
+        self._executables: dict[StepKey, jax.stages.Compiled] = {}
         self.step_cache = StepCache.create(config.cache_dir() / "steps", mesh, settings_parts(config),
                                            self.model_config, rules, self.graphdef)
         self._resets: list[PenaltyReset] = []
@@ -247,38 +262,39 @@ class ModelRunner:
     def workspace_bytes(self) -> int:
         """Device memory a step needs besides the parameters and the cache, as XLA counts it for the largest
         bucket (vLLM profiles a dummy run for the same reason)."""
-        compiled = self._compile(self.config.token_buckets()[-1], 1, False, self.pages_per_seq)
+        compiled = self._compile(StepKey(self.config.token_buckets()[-1], 1), self.pages_per_seq)
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
-    def _compile(self, bucket: int, num_steps: int, with_prompt_logprobs: bool, num_pages: int):
+    def _compile(self, key: "StepKey", num_pages: int):
         """The step compiled ahead of time for a cache of `num_pages` pages (the cache need not exist yet)."""
         cache = jax.ShapeDtypeStruct(self._cache_shape(num_pages), self.model_config.jnp_dtype,
                                      sharding=self._cache_sharding(num_pages))
-        staging = self._staging[bucket]
+        staging = self._staging[key.bucket]
         args = (self.params, cache, self.penalties, self.last_tokens, self.page_table, staging.ints, staging.floats)
-        static = dict(bucket=bucket, num_steps=num_steps, with_prompt_logprobs=with_prompt_logprobs)
+        static = key._asdict()
         return self.step_cache.get(static, args, lambda: self._step.lower(*args, **static).compile())
 
     def compile_steps(self, num_pages: int) -> int:
         """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is
         allocated: the single step of each bucket and the multi-step decode of each bucket a decode batch
-        can take. Returns how many variants there are."""
-        variants = [(b, 1) for b in self.config.token_buckets()]
+        can take (with the sampler's run-time choices and plain). Returns how many variants there are."""
+        variants = [StepKey(b, 1) for b in self.config.token_buckets()]
         if self.num_scheduler_steps > 1:
-            variants += [(b, self.num_scheduler_steps) for b in self._decode_buckets()]
-        for bucket, num_steps in tqdm(variants, desc="compiling step buckets", unit="bucket"):
-            self._executables[(bucket, num_steps, False)] = self._compile(bucket, num_steps, False, num_pages)
+            variants += [StepKey(b, self.num_scheduler_steps, plain_sampling=plain)
+                         for b in self._decode_buckets() for plain in (False, True)]
+        for key in tqdm(variants, desc="compiling step buckets", unit="bucket"):
+            self._executables[key] = self._compile(key, num_pages)
         return len(variants)
 
     def _forward(self, params, kv_cache, penalties: PenaltyState, last_tokens, page_table, ints, floats, bucket: int,
-                 num_steps: int, with_prompt_logprobs: bool):
+                 num_steps: int, with_prompt_logprobs: bool, plain_sampling: bool):
         model = nnx.merge(self.graphdef, params)
         batch = StepBatch.unpack(self._layouts[bucket], ints, floats, page_table).with_device_tokens(last_tokens)
         if num_steps > 1:
-            return self._decode_loop(model, kv_cache, penalties, last_tokens, batch, num_steps)
+            return self._decode_loop(model, kv_cache, penalties, last_tokens, batch, num_steps, plain_sampling)
         hidden, kv_cache = model(batch.tokens, _positions(batch.md, bucket), kv_cache, batch.md)
         result = sample(model.compute_logits(hidden[batch.logits_indices]), batch.sampling, penalties,
-                        self.num_logprobs)
+                        self.num_logprobs, plain_sampling)
         penalties = record(penalties, batch.sampling.slots, result.tokens, batch.keep)
         last_tokens = _remember(last_tokens, batch.sampling.slots, result.tokens, batch.keep)
         prompt = None
@@ -286,7 +302,8 @@ class ModelRunner:
             prompt = _prompt_logprobs(model, hidden, batch.next_tokens, self.num_logprobs)
         return jax.tree.map(lambda x: x[None], result), prompt, kv_cache, penalties, last_tokens
 
-    def _decode_loop(self, model, kv_cache, penalties: PenaltyState, last_tokens, batch: StepBatch, num_steps: int):
+    def _decode_loop(self, model, kv_cache, penalties: PenaltyState, last_tokens, batch: StepBatch, num_steps: int,
+                     plain_sampling: bool):
         """`num_steps` decode steps of one-token rows, each step's samples fed back as the next inputs. Step
         `i` runs the rows with `i < step_limits` (the others take no query token, as padding rows do); the
         scheduler reserved their pages. Results are `[num_steps, S]`."""
@@ -303,7 +320,7 @@ class ModelRunner:
             hidden, kv_cache = model(tokens, _positions(md, num_tokens), kv_cache, md)
             sampling = dataclasses.replace(batch.sampling, steps=batch.sampling.steps + i)
             result = sample(model.compute_logits(hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]), sampling, penalties,
-                            self.num_logprobs)
+                            self.num_logprobs, plain_sampling)
             penalties = record(penalties, sampling.slots, result.tokens, batch.keep & active)
             last_tokens = _remember(last_tokens, sampling.slots, result.tokens, batch.keep & active)
             results = jax.tree.map(lambda acc, x: acc.at[i].set(x), results, result)
@@ -319,8 +336,8 @@ class ModelRunner:
     def warmup(self) -> None:
         """Run every compiled variant once on the allocated cache (first runs set up what the device keeps
         between runs), and compile the penalty-row reset, so that serving never waits."""
-        for (bucket, num_steps, _), executable in self._executables.items():
-            staging = self._staging[bucket]
+        for key, executable in self._executables.items():
+            staging = self._staging[key.bucket]
             result, _, self.kv_cache, self.penalties, self.last_tokens = executable(
                 self.params, self.kv_cache, self.penalties, self.last_tokens, self.page_table, staging.ints,
                 staging.floats)
@@ -343,10 +360,11 @@ class ModelRunner:
         bucket = self._bucket(out.num_tokens)
         staging = self._staging[bucket]
         want_logprobs = self._pack(out, staging, want_prompt)
+        plain = num_steps > 1 and not want_logprobs and not staging.filters()
         pages = np.concatenate(self._page_updates) if self._page_updates else np.zeros((0, 3), np.int32)
         # Copies: the staging buffers are refilled for the next step while this one may still be reading them.
         message = StepMessage(bucket, num_steps, want_prompt, staging.ints.copy(), staging.floats.copy(),
-                              tuple(self._resets), pages)
+                              tuple(self._resets), pages, plain_sampling=plain)
         self._resets.clear()
         self._page_updates.clear()
         if self.channel is not None:
@@ -374,9 +392,9 @@ class ModelRunner:
             self.penalties = self._reset_row(self.penalties, np.int32(reset.slot), reset.tokens,
                                              np.int32(reset.num_prompt_tokens))
         self._write_pages(message.page_updates)
-        key = (message.bucket, message.num_steps, message.with_prompt_logprobs)
+        key = StepKey(message.bucket, message.num_steps, message.with_prompt_logprobs, message.plain_sampling)
         if key not in self._executables:  # prompt logprobs: compiled on first use
-            self._executables[key] = self._compile(*key, self.kv_cache.shape[1])
+            self._executables[key] = self._compile(key, self.kv_cache.shape[1])
         result, prompt, self.kv_cache, self.penalties, self.last_tokens = self._executables[key](
             self.params, self.kv_cache, self.penalties, self.last_tokens, self.page_table,
             jax.device_put(message.ints), jax.device_put(message.floats))
@@ -527,6 +545,11 @@ class _Staging:
         self.floats[:, :n] = table.floats[:, slots]
         self.floats[:, n:] = _FLOAT_DEFAULTS[:, None]
         return want_logprobs
+
+    def filters(self) -> bool:
+        """Whether a row of the filled step keeps only part of the vocabulary (padding rows never do)."""
+        top_p, min_p = (self.floats[FLOAT_FIELDS.index(name)] for name in ("top_p", "min_p"))
+        return bool(filters_any(self.views["top_k"], top_p, min_p))
 
     def _rows(self, name: str, values: np.ndarray, padding: int) -> None:
         view = self.views[name]

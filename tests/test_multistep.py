@@ -101,6 +101,35 @@ def test_async_scheduling_gives_the_tokens_of_synchronous_steps(multi, synchrono
     assert_idle(synchronous.llm_engine, wait_s=0)
 
 
+PLAIN = [SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
+         SamplingParams(temperature=1.0, seed=3, max_tokens=11, ignore_eos=True, repetition_penalty=1.2),
+         SamplingParams(temperature=0.7, seed=4, min_tokens=4, stop_token_ids=list(range(3, 30)), max_tokens=15)]
+
+
+@pytest.mark.parametrize("extra", [
+    None, SamplingParams(temperature=1.0, top_k=5, seed=2, max_tokens=16, ignore_eos=True),
+    SamplingParams(temperature=1.0, min_p=0.2, seed=6, max_tokens=16, ignore_eos=True),
+    SamplingParams(temperature=0, logprobs=2, max_tokens=16, ignore_eos=True)])
+def test_only_decode_batches_that_neither_filter_nor_want_logprobs_run_the_plain_program(single, multi, monkeypatch,
+                                                                                         extra):
+    """A multi-step decode batch in which no request uses top-k, top-p, min-p or logprobs runs the program
+    compiled without them (its run-time `cond`s make XLA:GPU's host wait for the device); one such request
+    puts its whole batch on the full program (it outlasts the others here). Either way the tokens are those
+    of single steps."""
+    runner, plain = multi.llm_engine.runner, []
+    original = runner._run
+    monkeypatch.setattr(runner, "_run", lambda m: (plain.append(m.plain_sampling) if m.num_steps > 1 else None,
+                                                   original(m))[1])
+    params = PLAIN + ([extra] if extra else [])
+    out, _ = run(multi, params)
+    expected, _ = run(single, params)
+    assert tokens(out) == tokens(expected)
+    assert plain and set(plain) == {extra is None}
+    if extra is not None and extra.logprobs:
+        assert [len(p) for p in out[-1].outputs[0].logprobs] == [2] * 16  # the top 2 (greedy: the token among them)
+        assert out[-1].outputs[0].logprobs == expected[-1].outputs[0].logprobs
+
+
 @pytest.mark.parametrize("penalty,min_tokens", [(1.8, 0), (0.7, 0), (1.3, 8)])
 def test_repetition_penalty_matches_transformers(tiny, single, multi, penalty, min_tokens):
     """Greedy with a repetition penalty over prompt and outputs (and EOS banned under min_tokens): the
