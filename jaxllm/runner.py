@@ -219,9 +219,7 @@ class ModelRunner:
         # A row per slot and a spare all-zero row for padding sequences.
         self.page_table = jax.jit(lambda: jnp.zeros((rows + 1, self.pages_per_seq), jnp.int32),
                                   out_shardings=replicated)()
-        # Not donated: the step in flight still reads the table, and donating a buffer that a running computation
-        # reads made the host wait for that computation (the GPU then idled while the host packed the next step).
-        self._set_pages = jax.jit(_set_pages, out_shardings=replicated)
+        self._set_pages = jax.jit(_set_pages, donate_argnums=(0,), out_shardings=replicated)
         # The token each slot sampled last (and a spare row for padding sequences): the next step's input for a
         # sequence whose token the host has not received yet.
         self.last_tokens = jax.jit(lambda: jnp.zeros(rows + 1, jnp.int32), out_shardings=replicated)()

@@ -214,27 +214,6 @@ def test_steps_send_only_new_pages(llm, monkeypatch):
     assert [c for s in sent for c in s[:, 1]] == list(range(sum(counts)))  # columns in order, none twice
 
 
-def test_writing_new_pages_leaves_the_table_of_the_step_in_flight_alone(llm, monkeypatch):
-    """New pages go into a fresh page table, not into the one a dispatched step reads: donating that buffer
-    made the host wait for the step, and the device idled while the host packed the next one (about 20 ms
-    of every 8-step call at 256 sequences on an H100)."""
-    runner, replaced = llm.llm_engine.runner, []
-    write = runner._write_pages
-
-    def spy(updates):
-        if len(updates):
-            replaced.append(runner.page_table)
-        write(updates)
-
-    monkeypatch.setattr(runner, "_write_pages", spy)
-    prompt = list(range(5, 45))
-    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-                       use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 30
-    assert len(replaced) >= 2  # the prompt's pages, then pages as decoding fills them
-    assert not any(table.is_deleted() for table in replaced)
-
-
 def test_prompt_logprobs_in_row_chunks_match_transformers(tmp_path, monkeypatch):
     """Prompt logprobs are computed a few rows at a time (bounded memory); with chunks of 16 rows a 40-token
     prompt spans three chunks plus padding, and every position still matches transformers."""
