@@ -42,7 +42,7 @@ _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True, lowering_semantics=plg
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """KV tokens per pipeline step, steps in flight, and KV splits per tile (None: fill the GPU). Two stages
-    leave room in shared memory for two blocks per SM, so one block's pipeline fill overlaps another's work:
+    leave room in shared memory for two blocks per SM, so one block's pipeline fill can overlap another's work:
     on an H100 that beat three and four stages at every decode and prefill shape measured
     (`benchmarks/attention_blocks.py`: 8% at 256 decodes of 480 tokens, 31% on a 2048-token prefill)."""
 
