@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import glob
-import json
 import pstats
 import tempfile
 import time
 
 import jax
 import numpy as np
-from decode_timeline import summarize
+from decode_timeline import print_top, summarize, write_json
 from jax.profiler import ProfileData
 
 from jaxllm import LLM, SamplingParams
@@ -154,15 +153,9 @@ def main() -> None:
     print("| kind | ms/step (top 25 kernels) |\n| --- | --- |")
     for kind, ms in kinds.items():
         print(f"| {kind} | {ms:.3f} |")
-    print("| kernel or copy | ms/step | per step |\n| --- | --- | --- |")
-    for name, ms, count in summary["top_kernels"][:15]:
-        print(f"| {name} | {ms:.3f} | {count:.1f} |")
-    print("| host event | ms/step | per step |\n| --- | --- | --- |")
-    for name, ms, count in summary["host_events"][:15]:
-        print(f"| {name} | {ms:.3f} | {count:.1f} |")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(summary, f, indent=1)
+    print_top("kernel or copy", summary["top_kernels"], "step")
+    print_top("host event", summary["host_events"], "step")
+    write_json(args.output_json, summary)
 
 
 if __name__ == "__main__":

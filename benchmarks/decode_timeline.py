@@ -62,6 +62,8 @@ def gaps(kernels: list[tuple[float, float, str]]) -> tuple[float, list[tuple[flo
 def summarize(data: ProfileData, steps: int = TOKENS) -> dict:
     """The trace's figures per decode step (per token at batch 1), over `steps` steps."""
     kernels = gpu_kernels(data)
+    if not kernels:
+        raise SystemExit("no GPU kernels in the trace: the timelines need a GPU")
     busy, idle = gaps(kernels)
     span = kernels[-1][1] - kernels[0][0]
     sizes = np.array([g for g, _, _ in idle]) / 1e3
@@ -77,6 +79,19 @@ def summarize(data: ProfileData, steps: int = TOKENS) -> dict:
             "top_kernels": [[n, ns / 1e6 / steps, counts[n] / steps] for n, ns in totals.most_common(25)],
             "longest_gaps": [[g / 1e3, before[:80], after[:80]] for g, before, after in longest],
             "host_events": host_events(data, steps)}
+
+
+def print_top(what: str, rows: list[list], per: str, limit: int = 15) -> None:
+    """A markdown table of `[name, ms, count]` rows (kernels or host events) per token or step."""
+    print(f"| {what} | ms/{per} | per {per} |\n| --- | --- | --- |")
+    for name, ms, count in rows[:limit]:
+        print(f"| {name} | {ms:.3f} | {count:.1f} |")
+
+
+def write_json(path: str | None, summary: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1)
 
 
 def main() -> None:
@@ -101,12 +116,9 @@ def main() -> None:
     print("| idle gap | gaps/token | idle ms/token |\n| --- | --- | --- |")
     for size, (count, ms) in summary["gaps_per_token_by_size"].items():
         print(f"| {size} | {count:.1f} | {ms:.2f} |")
-    print("| kernel or copy | ms/token | per token |\n| --- | --- | --- |")
-    for name, ms, count in summary["top_kernels"][:12]:
-        print(f"| {name} | {ms:.3f} | {count:.1f} |")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(summary, f, indent=1)
+    print_top("kernel or copy", summary["top_kernels"], "token", 12)
+    print_top("host event", summary["host_events"], "token")
+    write_json(args.output_json, summary)
 
 
 if __name__ == "__main__":
