@@ -263,7 +263,7 @@ class ModelRunner:
         compiled = self._compile(StepKey(self.config.token_buckets()[-1], 1), self.pages_per_seq)
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
-    def _compile(self, key: "StepKey", num_pages: int):
+    def _compile(self, key: StepKey, num_pages: int):
         """The step compiled ahead of time for a cache of `num_pages` pages (the cache need not exist yet)."""
         cache = jax.ShapeDtypeStruct(self._cache_shape(num_pages), self.model_config.jnp_dtype,
                                      sharding=self._cache_sharding(num_pages))
