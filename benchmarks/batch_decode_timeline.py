@@ -7,7 +7,10 @@ kernel, copies, the other XLA fusions) and the idle gaps, as `decode_timeline.py
 
     python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--calls 8]
         [--num-scheduler-steps 8] [--block-kv N] [--num-stages N] [--random-weights llama3-8b]
-        [--profile-host PATH] [--output-json PATH]
+        [--top-p P] [--top-k K] [--logprobs N] [--profile-host PATH] [--output-json PATH]
+
+`--top-p`, `--top-k` and `--logprobs` give every request those sampling settings (a batch that filters or
+wants logprobs runs the full sampler program: `sampling.SamplerKind`).
 
 The cost model of `sharegpt_step_model.py` charges such a step the weights, a fixed overhead and every
 sequence's KV context; this measures those parts.
@@ -85,6 +88,9 @@ def main() -> None:
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
     parser.add_argument("--block-kv", type=int, help="the attention kernel's KV tokens per pipeline step")
     parser.add_argument("--num-stages", type=int, help="the attention kernel's pipeline steps in flight")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--logprobs", type=int)
     parser.add_argument("--profile-host", help="write a cProfile of the untraced window here and print its top")
     parser.add_argument("--output-json")
     args = parser.parse_args()
@@ -95,7 +101,8 @@ def main() -> None:
     engine = llm.llm_engine
     host = HostTimes(engine)
     rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=1024 - args.prompt_len - 8)
+    params = SamplingParams(temperature=1.0, top_p=args.top_p, top_k=args.top_k, logprobs=args.logprobs,
+                            ignore_eos=True, max_tokens=1024 - args.prompt_len - 8)
 
     def decode_window(trace_dir: str | None, timed: bool = False,
                       profile: cProfile.Profile | None = None) -> tuple[float, int, float]:
@@ -143,6 +150,7 @@ def main() -> None:
     for name, ms, _ in summary["top_kernels"]:
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
     summary.update(wall_ms_per_step=wall, steps=steps, mean_context=context, batch=args.batch,
+                   sampling=dict(top_p=args.top_p, top_k=args.top_k, logprobs=args.logprobs),
                    ms_per_step_by_kind=kinds,
                    host_ms_per_step=host.per_step_ms(steps), attention_block_sizes=blocks)
     print(f"batch {args.batch}, mean context {context:.0f}: wall {wall:.2f} ms/step untraced "

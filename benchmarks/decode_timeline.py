@@ -22,6 +22,8 @@ import numpy as np
 from jax.profiler import ProfileData
 from profile_decode import TOKENS, by_name, decode_workload
 
+from jaxllm.sampling import SamplerKind
+
 GAP_EDGES_US = (5, 20, 100, 1000)
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
-        key = min(k for k in runner._executables if k.num_steps > 1 and k.plain_sampling)
+        key = min(k for k in runner._executables if k.num_steps > 1 and k.sampler is SamplerKind.PLAIN)
         with open(args.dump_hlo, "w") as f:
             f.write(runner._executables[key].as_text())
     trace_dir = tempfile.mkdtemp()

@@ -37,6 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxllm.sampling import SamplerKind
+
 logger = logging.getLogger(__name__)
 
 LEADER = 0
@@ -155,8 +157,8 @@ class PenaltyReset:
 
 @dataclasses.dataclass(frozen=True)
 class StepMessage:
-    """One runner step as the devices see it: which program (bucket, num_steps, prompt logprobs, plain
-    sampling) and its packed host inputs (`_Staging.ints` / `.floats`), after the penalty resets and the
+    """One runner step as the devices see it: which program (bucket, num_steps, prompt logprobs, sampler
+    kind) and its packed host inputs (`_Staging.ints` / `.floats`), after the penalty resets and the
     page-table updates."""
 
     bucket: int
@@ -166,7 +168,7 @@ class StepMessage:
     floats: np.ndarray
     resets: tuple[PenaltyReset, ...] = ()
     page_updates: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))  # [N, 3]
-    plain_sampling: bool = False  # no row filters or wants logprobs: the program without them
+    sampler: SamplerKind = SamplerKind.RUN_TIME  # the runner's choice for the batch (`sampling.SamplerKind`)
 
 
 @dataclasses.dataclass(frozen=True)

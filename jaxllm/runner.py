@@ -14,9 +14,9 @@ the token statistics of the penalties stay on the device (`PenaltyState`), so a 
 into two reused flat staging buffers (int32 and float32) and transfers just those two. A decode-only batch
 can run `num_scheduler_steps` steps in one call: a loop inside the compiled step feeds each sampled token
 back as the next input, so the host pays once for several tokens. Each multi-step decode bucket is compiled
-twice: with the sampler's run-time choices (top-k/top-p/min-p filtering, logprobs), and plain, without them,
-for batches in which no request filters or wants logprobs (`sampling.sample`'s `plain`: XLA:GPU decides a
-`cond` on the host, waiting for the device, so only the plain program lets the host queue steps ahead).
+twice, so that the host, not a run-time `cond`, decides whether the batch filters (top-k/top-p/min-p) or
+wants logprobs (`sampling.SamplerKind`: XLA:GPU decides a `cond` on the host, waiting for the device, which
+kept the host from queuing steps ahead): plain, without either, and full, with both for every row.
 
 `dispatch` starts a step and returns; `fetch` waits for its results. The engine dispatches step N+1 before
 it fetches step N, so a sequence's input token may be one step N is still sampling: the step keeps each
@@ -45,6 +45,7 @@ from jaxllm.request import Request
 from jaxllm.sampling import (
     PenaltyState,
     SampleResult,
+    SamplerKind,
     SamplingInputs,
     empty_penalty_state,
     filters_any,
@@ -70,12 +71,12 @@ PROMPT_LOGPROB_ROWS = 256  # rows of a step whose prompt logprobs are computed t
 
 class StepKey(NamedTuple):
     """Which compiled program runs a step: its token bucket, decode steps per call, whether it computes prompt
-    logprobs, and whether its sampling is plain (no filtering, no logprobs: see `sampling.sample`)."""
+    logprobs, and how it samples (`sampling.SamplerKind`: single steps decide at run time)."""
 
     bucket: int
     num_steps: int
     with_prompt_logprobs: bool = False
-    plain_sampling: bool = False
+    sampler: SamplerKind = SamplerKind.RUN_TIME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +231,7 @@ class ModelRunner:
         # Across hosts the results must be replicated, so that process 0 holds them whole.
         results = replicated if distributed.is_multiprocess() else None
         self._step = jax.jit(self._forward, donate_argnums=(1, 2, 3),
-                             static_argnames=("bucket", "num_steps", "with_prompt_logprobs", "plain_sampling"),
+                             static_argnames=("bucket", "num_steps", "with_prompt_logprobs", "sampler"),
                              out_shardings=(results, results, self.cache_sharding, replicated, replicated))
         self._executables: dict[StepKey, jax.stages.Compiled] = {}
         self.step_cache = StepCache.create(config.cache_dir() / "steps", mesh, settings_parts(config),
@@ -275,24 +276,24 @@ class ModelRunner:
     def compile_steps(self, num_pages: int) -> int:
         """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is
         allocated: the single step of each bucket and the multi-step decode of each bucket a decode batch
-        can take (with the sampler's run-time choices and plain). Returns how many variants there are."""
+        can take (plain and full sampling). Returns how many variants there are."""
         variants = [StepKey(b, 1) for b in self.config.token_buckets()]
         if self.num_scheduler_steps > 1:
-            variants += [StepKey(b, self.num_scheduler_steps, plain_sampling=plain)
-                         for b in self._decode_buckets() for plain in (False, True)]
+            variants += [StepKey(b, self.num_scheduler_steps, sampler=kind)
+                         for b in self._decode_buckets() for kind in (SamplerKind.FULL, SamplerKind.PLAIN)]
         for key in tqdm(variants, desc="compiling step buckets", unit="bucket"):
             self._executables[key] = self._compile(key, num_pages)
         return len(variants)
 
     def _forward(self, params, kv_cache, penalties: PenaltyState, last_tokens, page_table, ints, floats, bucket: int,
-                 num_steps: int, with_prompt_logprobs: bool, plain_sampling: bool):
+                 num_steps: int, with_prompt_logprobs: bool, sampler: SamplerKind):
         model = nnx.merge(self.graphdef, params)
         batch = StepBatch.unpack(self._layouts[bucket], ints, floats, page_table).with_device_tokens(last_tokens)
         if num_steps > 1:
-            return self._decode_loop(model, kv_cache, penalties, last_tokens, batch, num_steps, plain_sampling)
+            return self._decode_loop(model, kv_cache, penalties, last_tokens, batch, num_steps, sampler)
         hidden, kv_cache = model(batch.tokens, _positions(batch.md, bucket), kv_cache, batch.md)
         result = sample(model.compute_logits(hidden[batch.logits_indices]), batch.sampling, penalties,
-                        self.num_logprobs, plain_sampling)
+                        self.num_logprobs, sampler)
         penalties = record(penalties, batch.sampling.slots, result.tokens, batch.keep)
         last_tokens = _remember(last_tokens, batch.sampling.slots, result.tokens, batch.keep)
         prompt = None
@@ -301,7 +302,7 @@ class ModelRunner:
         return jax.tree.map(lambda x: x[None], result), prompt, kv_cache, penalties, last_tokens
 
     def _decode_loop(self, model, kv_cache, penalties: PenaltyState, last_tokens, batch: StepBatch, num_steps: int,
-                     plain_sampling: bool):
+                     sampler: SamplerKind):
         """`num_steps` decode steps of one-token rows, each step's samples fed back as the next inputs. Step
         `i` runs the rows with `i < step_limits` (the others take no query token, as padding rows do); the
         scheduler reserved their pages. Results are `[num_steps, S]`."""
@@ -318,7 +319,7 @@ class ModelRunner:
             hidden, kv_cache = model(tokens, _positions(md, num_tokens), kv_cache, md)
             sampling = dataclasses.replace(batch.sampling, steps=batch.sampling.steps + i)
             result = sample(model.compute_logits(hidden[jnp.maximum(cu_q_lens[1:] - 1, 0)]), sampling, penalties,
-                            self.num_logprobs, plain_sampling)
+                            self.num_logprobs, sampler)
             penalties = record(penalties, sampling.slots, result.tokens, batch.keep & active)
             last_tokens = _remember(last_tokens, sampling.slots, result.tokens, batch.keep & active)
             results = jax.tree.map(lambda acc, x: acc.at[i].set(x), results, result)
@@ -358,11 +359,13 @@ class ModelRunner:
         bucket = self._bucket(out.num_tokens)
         staging = self._staging[bucket]
         want_logprobs = self._pack(out, staging, want_prompt)
-        plain = num_steps > 1 and not want_logprobs and not staging.filters()
+        sampler = SamplerKind.RUN_TIME
+        if num_steps > 1:
+            sampler = SamplerKind.FULL if want_logprobs or staging.filters() else SamplerKind.PLAIN
         pages = np.concatenate(self._page_updates) if self._page_updates else np.zeros((0, 3), np.int32)
         # Copies: the staging buffers are refilled for the next step while this one may still be reading them.
         message = StepMessage(bucket, num_steps, want_prompt, staging.ints.copy(), staging.floats.copy(),
-                              tuple(self._resets), pages, plain_sampling=plain)
+                              tuple(self._resets), pages, sampler=sampler)
         self._resets.clear()
         self._page_updates.clear()
         if self.channel is not None:
@@ -390,7 +393,7 @@ class ModelRunner:
             self.penalties = self._reset_row(self.penalties, np.int32(reset.slot), reset.tokens,
                                              np.int32(reset.num_prompt_tokens))
         self._write_pages(message.page_updates)
-        key = StepKey(message.bucket, message.num_steps, message.with_prompt_logprobs, message.plain_sampling)
+        key = StepKey(message.bucket, message.num_steps, message.with_prompt_logprobs, message.sampler)
         if key not in self._executables:  # prompt logprobs: compiled on first use
             self._executables[key] = self._compile(key, self.kv_cache.shape[1])
         result, prompt, self.kv_cache, self.penalties, self.last_tokens = self._executables[key](

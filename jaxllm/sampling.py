@@ -9,6 +9,7 @@ then top-k, then top-p, and drawn by the Gumbel-max trick. Logprobs are those of
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 
 import jax
@@ -17,6 +18,18 @@ import jax.numpy as jnp
 from jaxllm.sampling_params import GREEDY_EPS
 
 _NEG_INF = -jnp.inf
+
+
+class SamplerKind(str, enum.Enum):
+    """How a compiled sampler handles the two costly optional stages, the top-k/top-p/min-p filter (a sort of
+    every row's vocabulary) and the ranks and top logprobs. XLA:GPU decides a `cond` on the host, waiting for
+    the device to get there, so a program with these `cond`s keeps the host from queuing the next step ahead
+    (10-14 ms of each 8-step call at 256 sequences on an H100): multi-step decode programs, which the runner
+    picks per batch, decide on the host instead."""
+
+    RUN_TIME = "run_time"  # each stage under a `cond` on whether some row needs it (one program for all batches)
+    PLAIN = "plain"  # neither stage: no row of the batch filters or wants logprobs
+    FULL = "full"  # both stages for every row, no `cond`: rows that do not filter keep their whole vocabulary
 
 
 @jax.tree_util.register_dataclass
@@ -114,7 +127,7 @@ def filter_logits(scaled: jax.Array, inp: SamplingInputs) -> jax.Array:
     ordered = jnp.where(ordered < kth, _NEG_INF, ordered)
     sorted_probs = jax.nn.softmax(ordered, axis=-1)
     before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of strictly more likely tokens
-    kept = before < inp.top_p[:, None]
+    kept = (before < inp.top_p[:, None]) | (inp.top_p[:, None] >= 1.0)  # float sums may reach 1 early
     threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
     return jnp.where((scaled < threshold) | (scaled < kth), _NEG_INF, scaled)
 
@@ -146,25 +159,26 @@ def _no_ranks(raw: jax.Array, token_logprobs: jax.Array, num: int):
 
 
 def sample(logits: jax.Array, inp: SamplingInputs, state: PenaltyState, num_logprobs: int,
-           plain: bool = False) -> SampleResult:
-    """Draw one token per row from `logits [S, V]` (float32). Penalties, the ban, filters and ranks are
-    computed only when some row of the batch needs them. `plain` (static) promises that no row filters or
-    wants logprobs: the program then leaves both out, with the `cond`s that decide them at run time, which
-    XLA:GPU runs on the host, waiting for the device to get there (the host could not queue the next step
-    ahead: 10-14 ms of each 8-step call at 256 sequences on an H100)."""
+           kind: SamplerKind = SamplerKind.RUN_TIME) -> SampleResult:
+    """Draw one token per row from `logits [S, V]` (float32). Penalties and the ban are computed only when
+    some row of the batch needs them; the filter and the ranks as `kind` (static) says."""
     raw = jax.nn.log_softmax(logits, axis=-1)
     logits = jax.lax.cond(_needs_penalties(inp), apply_penalties, lambda x, *_: x, logits, inp, state)
     logits = jax.lax.cond(jnp.any(inp.steps < inp.min_tokens), ban_tokens, lambda x, _: x, logits, inp)
     greedy = inp.temperature < GREEDY_EPS
     scaled = logits / jnp.where(greedy, 1.0, inp.temperature)[:, None]
-    if not plain:
+    if kind is SamplerKind.FULL:
+        scaled = filter_logits(scaled, inp)
+    elif kind is SamplerKind.RUN_TIME:
         scaled = jax.lax.cond(_needs_filter(inp), filter_logits, lambda s, _: s, scaled, inp)
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(inp.seeds, inp.steps)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     drawn = jnp.argmax(scaled + gumbel, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
-    if plain:
+    if kind is SamplerKind.FULL:
+        ranks, top_ids, top_logprobs = ranks_and_top(raw, token_logprobs, num_logprobs)
+    elif kind is SamplerKind.PLAIN:
         ranks, top_ids, top_logprobs = _no_ranks(raw, token_logprobs, num_logprobs)
     else:
         ranks, top_ids, top_logprobs = jax.lax.cond(

@@ -10,6 +10,7 @@ import torch
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.async_engine import AsyncEngine
+from jaxllm.sampling import SamplerKind
 from tests.engine_fixtures import assert_idle, compilations
 from tests.tiny_models import make_tiny
 
@@ -109,22 +110,23 @@ PLAIN = [SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
 @pytest.mark.parametrize("extra", [
     None, SamplingParams(temperature=1.0, top_k=5, seed=2, max_tokens=16, ignore_eos=True),
     SamplingParams(temperature=1.0, min_p=0.2, seed=6, max_tokens=16, ignore_eos=True),
+    SamplingParams(temperature=0.8, top_p=0.5, seed=7, max_tokens=16, ignore_eos=True),
     SamplingParams(temperature=0, logprobs=2, max_tokens=16, ignore_eos=True)])
 def test_only_decode_batches_that_neither_filter_nor_want_logprobs_run_the_plain_program(single, multi, monkeypatch,
                                                                                          extra):
     """A multi-step decode batch in which no request uses top-k, top-p, min-p or logprobs runs the program
-    compiled without them (its run-time `cond`s make XLA:GPU's host wait for the device); one such request
-    puts its whole batch on the full program (it outlasts the others here). Either way the tokens are those
-    of single steps."""
-    runner, plain = multi.llm_engine.runner, []
+    compiled without them; one such request puts its whole batch on the full program, which filters and
+    ranks every row without run-time `cond`s (it outlasts the others here). Either way the tokens are those
+    of single steps, which decide at run time."""
+    runner, kinds = multi.llm_engine.runner, []
     original = runner._run
-    monkeypatch.setattr(runner, "_run", lambda m: (plain.append(m.plain_sampling) if m.num_steps > 1 else None,
+    monkeypatch.setattr(runner, "_run", lambda m: (kinds.append(m.sampler) if m.num_steps > 1 else None,
                                                    original(m))[1])
     params = PLAIN + ([extra] if extra else [])
     out, _ = run(multi, params)
     expected, _ = run(single, params)
     assert tokens(out) == tokens(expected)
-    assert plain and set(plain) == {extra is None}
+    assert kinds and set(kinds) == {SamplerKind.PLAIN if extra is None else SamplerKind.FULL}
     if extra is not None and extra.logprobs:
         assert [len(p) for p in out[-1].outputs[0].logprobs] == [2] * 16  # the top 2 (greedy: the token among them)
         assert out[-1].outputs[0].logprobs == expected[-1].outputs[0].logprobs

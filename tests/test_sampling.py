@@ -8,7 +8,16 @@ import torch
 from scipy.stats import chisquare
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from jaxllm.sampling import SamplingInputs, apply_penalties, empty_penalty_state, record, reset_row, sample
+from jaxllm.sampling import (
+    SamplerKind,
+    SamplingInputs,
+    apply_penalties,
+    empty_penalty_state,
+    filter_logits,
+    record,
+    reset_row,
+    sample,
+)
 
 VOCAB = 40
 
@@ -73,6 +82,41 @@ def test_sampled_frequencies_match_filtered_softmax(settings):
     support = expected > 0
     f_exp = expected[support] / expected[support].sum() * counts.sum()
     assert chisquare(counts[support], f_exp).pvalue > 1e-3
+
+
+def _num_conds(kind: SamplerKind, inp: SamplingInputs, state) -> int:
+    jaxpr = jax.make_jaxpr(lambda x: sample(x, inp, state, 3, kind))(jnp.zeros((inp.seeds.shape[0], VOCAB)))
+    return sum(eqn.primitive.name == "cond" for eqn in jaxpr.eqns)
+
+
+def test_full_and_plain_samplers_give_the_run_time_samplers_results_without_its_branches():
+    """The samplers multi-step decode picks on the host: full (filter and ranks for every row) equals the
+    run-time one on a batch where some rows filter and others keep their whole vocabulary; plain equals it
+    where no row filters or wants logprobs. Neither has the run-time branches (XLA:GPU's host waits on them),
+    only the penalty and ban ones."""
+    rows = 6 * 32  # six settings, 32 seeds each
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(0, 2, (rows, VOCAB)).astype(np.float32))
+    state = penalty_state(rows=rows)
+    common = dict(seeds=np.arange(rows) * 7, steps=np.arange(rows),
+                  temperature=np.repeat([0.0, 1.0, 0.8, 1.2, 1.0, 0.9], 32))
+    mixed = inputs(rows, top_k=np.repeat([0, 4, 0, 0, 0, 0], 32), top_p=np.repeat([1.0, 1.0, 0.6, 1.0, 1.0, 1.0], 32),
+                   min_p=np.repeat([0.0, 0.0, 0.0, 0.1, 0.0, 0.0], 32), **common)
+    unfiltered = inputs(rows, want_logprobs=False, **common)
+    for kind, inp in ((SamplerKind.FULL, mixed), (SamplerKind.PLAIN, unfiltered)):
+        got, want = sample(logits, inp, state, 3, kind), sample(logits, inp, state, 3)
+        for name in ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), name)
+        assert _num_conds(kind, inp, state) == 2 < _num_conds(SamplerKind.RUN_TIME, inp, state)
+
+
+def test_top_p_of_one_keeps_tokens_whose_mass_rounds_away():
+    """A row with top-p 1.0 in a batch that filters keeps every token, even where the float32 cumulative
+    mass reaches 1 before the tail (the tail's probabilities are below its rounding)."""
+    logits = np.zeros((2, VOCAB), np.float32)
+    logits[:, 0] = 30.0
+    kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), inputs(2, top_p=[1.0, 0.5]))))
+    assert kept[0].all() and kept[1].sum() == 1
 
 
 def test_repetition_penalty_matches_transformers():
