@@ -1,7 +1,8 @@
 """What each compiled sampler costs on the device: `sampling.sample` alone, on `[rows, vocab]` float32 logits
-(Llama-3's 128,256 tokens by default), for each `SamplerKind`, with every row at top-p 0.9 ("filtered") or
-none filtering ("unfiltered"). Each case runs `--calls` times back to back and reports ms per call, so that a
-run-time `cond` that makes the host wait for the device shows up as well as the kernels' own time.
+(Llama-3's 128,256 tokens by default), for each `SamplerKind` on the batches it serves: no row filtering,
+every row at top-p 0.9 ("filtered"), and every row at top-p 0.9 wanting logprobs. Each case runs `--calls`
+times back to back and reports ms per call, so that a run-time `cond` that makes the host wait for the
+device shows up as well as the kernels' own time.
 
     python benchmarks/sampler_costs.py [--rows 8 64 256] [--vocab 128256] [--calls 50] [--output-json PATH]
 """
@@ -20,8 +21,8 @@ from jaxllm.sampling import SamplerKind, SamplingInputs, empty_penalty_state, sa
 NUM_LOGPROBS = 20  # the engine's default max_logprobs
 
 
-def sampling_inputs(rows: int, top_p: float) -> SamplingInputs:
-    """Seeded temperature-1 rows, no penalties, no bans, all at `top_p`; logprobs wanted where filtered."""
+def sampling_inputs(rows: int, top_p: float, logprobs: bool) -> SamplingInputs:
+    """Seeded temperature-1 rows, no penalties, no bans, all at `top_p`."""
     def full(value, dtype):
         return jnp.full((rows,), value, dtype)
     return SamplingInputs(
@@ -30,13 +31,13 @@ def sampling_inputs(rows: int, top_p: float) -> SamplingInputs:
         frequency_penalty=full(0.0, jnp.float32), repetition_penalty=full(1.0, jnp.float32),
         seeds=jnp.arange(rows, dtype=jnp.uint32), steps=full(0, jnp.int32), slots=jnp.arange(rows, dtype=jnp.int32),
         min_tokens=full(0, jnp.int32), banned=jnp.full((rows, 4), -1, jnp.int32),
-        want_logprobs=jnp.asarray(top_p < 1.0))
+        want_logprobs=jnp.asarray(logprobs))
 
 
-def time_case(rows: int, vocab: int, kind: SamplerKind, top_p: float, calls: int) -> float:
+def time_case(rows: int, vocab: int, kind: SamplerKind, top_p: float, logprobs: bool, calls: int) -> float:
     """ms per call of the jitted sampler, `calls` calls queued back to back after a warm-up call."""
     logits = jax.random.normal(jax.random.key(0), (rows, vocab), jnp.float32) * 3.0
-    inp, state = sampling_inputs(rows, top_p), empty_penalty_state(rows, vocab)
+    inp, state = sampling_inputs(rows, top_p, logprobs), empty_penalty_state(rows, vocab)
     step = jax.jit(lambda x, i, s: sample(x, i, s, NUM_LOGPROBS, kind).tokens)
     jax.block_until_ready(step(logits, inp, state))
     start = time.perf_counter()
@@ -52,14 +53,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--output-json")
     args = parser.parse_args()
-    cases = [(SamplerKind.PLAIN, 1.0, "unfiltered"), (SamplerKind.RUN_TIME, 1.0, "unfiltered"),
-             (SamplerKind.RUN_TIME, 0.9, "filtered"), (SamplerKind.FULL, 0.9, "filtered")]
+    cases = [(SamplerKind.PLAIN, 1.0, False, "unfiltered"), (SamplerKind.RUN_TIME, 1.0, False, "unfiltered"),
+             (SamplerKind.FILTER, 0.9, False, "filtered"), (SamplerKind.RUN_TIME, 0.9, False, "filtered"),
+             (SamplerKind.FULL, 0.9, True, "filtered, logprobs"), (SamplerKind.RUN_TIME, 0.9, True,
+                                                                    "filtered, logprobs")]
     results = []
     print(f"| rows | sampler | batch | ms per call ({jax.devices()[0].device_kind}, vocab {args.vocab}) |")
     print("| --- | --- | --- | --- |")
     for rows in args.rows:
-        for kind, top_p, batch in cases:
-            ms = time_case(rows, args.vocab, kind, top_p, args.calls)
+        for kind, top_p, logprobs, batch in cases:
+            ms = time_case(rows, args.vocab, kind, top_p, logprobs, args.calls)
             results.append(dict(rows=rows, sampler=kind.value, batch=batch, ms=ms))
             print(f"| {rows} | {kind.value} | {batch} | {ms:.3f} |")
     write_json(args.output_json, dict(vocab=args.vocab, calls=args.calls, results=results))

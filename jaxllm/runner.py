@@ -14,9 +14,10 @@ the token statistics of the penalties stay on the device (`PenaltyState`), so a 
 into two reused flat staging buffers (int32 and float32) and transfers just those two. A decode-only batch
 can run `num_scheduler_steps` steps in one call: a loop inside the compiled step feeds each sampled token
 back as the next input, so the host pays once for several tokens. Each multi-step decode bucket is compiled
-twice, so that the host, not a run-time `cond`, decides whether the batch filters (top-k/top-p/min-p) or
-wants logprobs (`sampling.SamplerKind`: XLA:GPU decides a `cond` on the host, waiting for the device, which
-kept the host from queuing steps ahead): plain, without either, and full, with both for every row.
+three times, so that the host, not a run-time `cond`, decides whether the batch filters (top-k/top-p/min-p)
+or wants logprobs (`sampling.SamplerKind`: XLA:GPU decides a `cond` on the host, waiting for the device,
+which kept the host from queuing steps ahead): plain, without either; filter, for batches that filter; and
+full, with both for every row, for batches that want logprobs.
 
 `dispatch` starts a step and returns; `fetch` waits for its results. The engine dispatches step N+1 before
 it fetches step N, so a sequence's input token may be one step N is still sampling: the step keeps each
@@ -276,11 +277,11 @@ class ModelRunner:
     def compile_steps(self, num_pages: int) -> int:
         """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is
         allocated: the single step of each bucket and the multi-step decode of each bucket a decode batch
-        can take (plain and full sampling). Returns how many variants there are."""
+        can take (each of the multi-step `SamplerKind`s). Returns how many variants there are."""
         variants = [StepKey(b, 1) for b in self.config.token_buckets()]
         if self.num_scheduler_steps > 1:
-            variants += [StepKey(b, self.num_scheduler_steps, sampler=kind)
-                         for b in self._decode_buckets() for kind in (SamplerKind.FULL, SamplerKind.PLAIN)]
+            variants += [StepKey(b, self.num_scheduler_steps, sampler=kind) for b in self._decode_buckets()
+                         for kind in (SamplerKind.FULL, SamplerKind.FILTER, SamplerKind.PLAIN)]
         for key in tqdm(variants, desc="compiling step buckets", unit="bucket"):
             self._executables[key] = self._compile(key, num_pages)
         return len(variants)
@@ -359,9 +360,7 @@ class ModelRunner:
         bucket = self._bucket(out.num_tokens)
         staging = self._staging[bucket]
         want_logprobs = self._pack(out, staging, want_prompt)
-        sampler = SamplerKind.RUN_TIME
-        if num_steps > 1:
-            sampler = SamplerKind.FULL if want_logprobs or staging.filters() else SamplerKind.PLAIN
+        sampler = self._sampler_kind(num_steps, want_logprobs, staging)
         pages = np.concatenate(self._page_updates) if self._page_updates else np.zeros((0, 3), np.int32)
         # Copies: the staging buffers are refilled for the next step while this one may still be reading them.
         message = StepMessage(bucket, num_steps, want_prompt, staging.ints.copy(), staging.floats.copy(),
@@ -371,6 +370,15 @@ class ModelRunner:
         if self.channel is not None:
             self.channel.publish(message)
         return InFlightStep(*self._guarded(lambda: self._run(message)), want_logprobs)
+
+    @staticmethod
+    def _sampler_kind(num_steps: int, want_logprobs: bool, staging: "_Staging") -> SamplerKind:
+        """Single steps decide at run time; a multi-step batch takes the least its rows need."""
+        if num_steps == 1:
+            return SamplerKind.RUN_TIME
+        if want_logprobs:
+            return SamplerKind.FULL
+        return SamplerKind.FILTER if staging.filters() else SamplerKind.PLAIN
 
     def fetch(self, step: "InFlightStep") -> StepOutput:
         """Wait for a dispatched step; its results as numpy arrays, only those its requests need."""

@@ -1,5 +1,7 @@
 """On-device sampling: filtered distributions (chi-square), penalties, seeds, bans and logprobs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,11 +91,11 @@ def _num_conds(kind: SamplerKind, inp: SamplingInputs, state) -> int:
     return sum(eqn.primitive.name == "cond" for eqn in jaxpr.eqns)
 
 
-def test_full_and_plain_samplers_give_the_run_time_samplers_results_without_its_branches():
+def test_samplers_picked_on_the_host_give_the_run_time_samplers_results_without_its_branches():
     """The samplers multi-step decode picks on the host: full (filter and ranks for every row) equals the
-    run-time one on a batch where some rows filter and others keep their whole vocabulary; plain equals it
-    where no row filters or wants logprobs. Neither has the run-time branches (XLA:GPU's host waits on them),
-    only the penalty and ban ones."""
+    run-time one on a batch where some rows filter and others keep their whole vocabulary, and so does
+    filter (without ranks); plain equals it where no row filters or wants logprobs. None has the run-time
+    branches (XLA:GPU's host waits on them), only the penalty and ban ones."""
     rows = 6 * 32  # six settings, 32 seeds each
     rng = np.random.default_rng(5)
     logits = jnp.asarray(rng.normal(0, 2, (rows, VOCAB)).astype(np.float32))
@@ -103,7 +105,8 @@ def test_full_and_plain_samplers_give_the_run_time_samplers_results_without_its_
     mixed = inputs(rows, top_k=np.repeat([0, 4, 0, 0, 0, 0], 32), top_p=np.repeat([1.0, 1.0, 0.6, 1.0, 1.0, 1.0], 32),
                    min_p=np.repeat([0.0, 0.0, 0.0, 0.1, 0.0, 0.0], 32), **common)
     unfiltered = inputs(rows, want_logprobs=False, **common)
-    for kind, inp in ((SamplerKind.FULL, mixed), (SamplerKind.PLAIN, unfiltered)):
+    unranked = dataclasses.replace(mixed, want_logprobs=jnp.asarray(False))
+    for kind, inp in ((SamplerKind.FULL, mixed), (SamplerKind.FILTER, unranked), (SamplerKind.PLAIN, unfiltered)):
         got, want = sample(logits, inp, state, 3, kind), sample(logits, inp, state, 3)
         for name in ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs"):
             np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), name)
