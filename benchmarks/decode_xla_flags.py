@@ -13,6 +13,9 @@ buffers did not move (`SKIP_TEMP`).
 GEMM fusions back: the layer scan slices each layer's weights out of the stacked arrays, and XLA copies those
 slices before Triton GEMMs (about 230 copies and 9.6 ms per token on an H100), while cuBLAS reads them in place.
 `dot_merger` turns XLA's dot merger back on, which concatenates each layer's q, k and v weights.
+`conditional` adds `cond`s to command buffers (run on the device where every branch can be recorded).
+`loops_captured` is `unrolled_graph` with XLA's default command types kept: the GEMMs on layer slices are
+dynamic-slice fusions, so `unrolled_graph` could not capture the layer scan at all.
 `trace_cache_N` keeps N recorded traces per command (XLA's default is 16): a cuBLAS GEMM in a command buffer
 is recorded by tracing it, once per set of buffer addresses, and the layer scan gives each GEMM 32.
 
@@ -30,6 +33,10 @@ import tempfile
 from pathlib import Path
 
 CAPTURE_LOOPS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL"
+# XLA's default command types and more: the GEMMs on layer slices are dynamic-slice fusions, which a command
+# buffer takes only with DYNAMIC_SLICE_FUSION, so without it (CAPTURE_LOOPS) no layer scan can be captured.
+DEFAULT_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
+UNROLL = "--xla_gpu_command_buffer_unroll_loops=true"
 VARIANTS = {
     "default": "",
     "off": "--xla_gpu_enable_command_buffer=",
@@ -38,6 +45,10 @@ VARIANTS = {
                                 "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
     "triton_gemm": "--xla_gpu_enable_triton_gemm=true",
     "dot_merger": "--xla_disable_hlo_passes=",
+    "conditional": f"--xla_gpu_enable_command_buffer={DEFAULT_TYPES},CONDITIONAL",
+    "loops_captured": f"--xla_gpu_enable_command_buffer={DEFAULT_TYPES},WHILE,CONDITIONAL {UNROLL}",
+    "loops_captured_skip_temp": f"--xla_gpu_enable_command_buffer={DEFAULT_TYPES},WHILE,CONDITIONAL {UNROLL} "
+                                "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
     "trace_cache_64": "--xla_cmd_buffer_trace_cache_size=64",
     "trace_cache_256": "--xla_cmd_buffer_trace_cache_size=256",
 }

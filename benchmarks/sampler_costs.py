@@ -38,7 +38,7 @@ def time_case(rows: int, vocab: int, kind: SamplerKind, top_p: float, logprobs: 
     """ms per call of the jitted sampler, `calls` calls queued back to back after a warm-up call."""
     logits = jax.random.normal(jax.random.key(0), (rows, vocab), jnp.float32) * 3.0
     inp, state = sampling_inputs(rows, top_p, logprobs), empty_penalty_state(rows, vocab)
-    step = jax.jit(lambda x, i, s: sample(x, i, s, NUM_LOGPROBS, kind).tokens)
+    step = jax.jit(lambda x, i, s: sample(x, i, s, NUM_LOGPROBS, kind))  # all of it: ranks unused are dropped
     jax.block_until_ready(step(logits, inp, state))
     start = time.perf_counter()
     out = [step(logits, inp, state) for _ in range(calls)]
