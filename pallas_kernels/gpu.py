@@ -1,16 +1,13 @@
 """Ragged paged attention for Hopper GPUs as a Mosaic GPU Pallas kernel (GPU interpreter elsewhere).
 
-Unit of work: one CUDA block per (group of KV heads, query tile, KV split). A query tile holds up to 64
-query rows of one sequence: `64 // G` consecutive tokens times the G query heads that share the KV head,
-laid out token-major. So every tile is one M=64 tensor-core (wgmma) operand, whether it holds a decode token
-(G rows) or a prefill chunk. The tile's K/V pages are gathered by TMA into shared memory `num_stages`
-blocks ahead of the tensor cores (one copy per page and K/V, all completing on the block's barrier). A block
-runs `heads_per_block` KV heads one after another through one pipeline, the next head's K/V and queries
-arriving while the last head finishes: at short decode contexts a block's start and end (the first K/V's
-latency, the output's store) otherwise cost about a third of the kernel's time. Long contexts are split
-over `num_splits` blocks (flash-decoding); XLA merges their partial outputs by their log-sum-exp. New K/V
-rows are written into their pages before the kernel (an in-place scatter on the donated cache), as the TPU
-kernel does.
+Unit of work: one CUDA block per (KV head, query tile, KV split). A query tile holds up to 64 query rows of
+one sequence: `64 // G` consecutive tokens times the G query heads that share the KV head, laid out
+token-major. So every tile is one M=64 tensor-core (wgmma) operand, whether it holds a decode token (G
+rows) or a prefill chunk. The tile's K/V pages are gathered by TMA into shared memory `num_stages` blocks
+ahead of the tensor cores (one copy per page and K/V, all completing on the block's barrier). Long
+contexts are split over `num_splits` blocks (flash-decoding); XLA merges their partial outputs by their
+log-sum-exp. New K/V rows are written into their pages before the kernel (an in-place scatter on the
+donated cache), as the TPU kernel does.
 
 16-bit inputs (bfloat16, float16) go to the tensor cores as stored. float32 inputs are split into
 bfloat16 high and low halves (x = hi + lo) and each product is taken as hi.hi + hi.lo + lo.hi, about 16
@@ -52,7 +49,6 @@ class BlockSizes:
     block_kv: int = 64
     num_stages: int = 2
     num_splits: int | None = None
-    heads_per_block: int | None = None  # KV heads a block runs in turn (None: `_heads_per_block`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +65,6 @@ class _Shapes:
     block_kv: int
     num_stages: int
     split_float32: bool = False  # float32 inputs, computed as bfloat16 high and low halves
-    heads_per_block: int = 1
-
-    @property
-    def num_q_buffers(self) -> int:
-        """Query tiles in shared memory: the next head's arrives while this one's runs."""
-        return 2 if self.heads_per_block > 1 else 1
 
     @property
     def tokens_per_tile(self) -> int:
@@ -147,41 +137,26 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
                                   f"{ROWS} rows (odd groups above 8); use the reference backend")
     num_tiles = _num_tiles(num_tokens, group, md.max_num_seqs)
     block_kv = sizes.block_kv
-    split_float32 = jnp.dtype(kv_cache.dtype) == jnp.float32
-    heads = 1 if split_float32 else (sizes.heads_per_block or _heads_per_block(num_kv_heads, num_tokens,
-                                                                                md.max_num_seqs))
-    if num_kv_heads % heads:
-        raise ValueError(f"pallas_gpu: heads_per_block {heads} must divide the {num_kv_heads} KV heads")
     max_blocks = -(-md.pages_per_seq * page_size // block_kv)  # a split of its own for each KV block at most
     num_splits = sizes.num_splits or max(1, min(16, max_blocks,
-                                                 -(-2 * _NUM_SMS // (num_kv_heads // heads * md.max_num_seqs))))
+                                                 -(-2 * _NUM_SMS // (num_kv_heads * md.max_num_seqs))))
     if block_kv % ROWS or max(page_size, block_kv) % min(page_size, block_kv):
         raise ValueError(f"pallas_gpu: block_kv {block_kv} must be a multiple of {ROWS} and divide or be divided "
                          f"by the page size {page_size}")
+    split_float32 = jnp.dtype(kv_cache.dtype) == jnp.float32
     if split_float32:
         block_kv = ROWS  # the output tile reuses a float32 KV stage
     shapes = _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits,
-                     block_kv, sizes.num_stages, split_float32, heads)
+                     block_kv, sizes.num_stages, split_float32)
     return _fit_shared_memory(shapes, kv_cache.dtype)
-
-
-def _heads_per_block(num_kv_heads: int, num_tokens: int, max_num_seqs: int) -> int:
-    """For decode-sized batches (a token per sequence at most), the most KV heads per block that still
-    leave two blocks for each SM; one head per block where tiles may hold prefill chunks, whose causal work
-    varies too much between tiles to run several heads of one in turn."""
-    if num_tokens > max_num_seqs:
-        return 1
-    fits = [h for h in range(1, num_kv_heads + 1)
-            if num_kv_heads % h == 0 and num_kv_heads // h * max_num_seqs >= 2 * _NUM_SMS]
-    return max(fits, default=1)
 
 
 def _smem_bytes(shapes: _Shapes, dtype) -> int:
     """Shared memory of one block: the query tile(s), K and V stages, P, the row LSEs, and for float32 one
     bfloat16 K/V half."""
     item, halves = jnp.dtype(dtype).itemsize, 2 if shapes.split_float32 else 1
-    size = (shapes.num_q_buffers * (halves * ROWS * shapes.head_dim * 2 + ROWS * 4)
-            + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item + ROWS * shapes.block_kv * 2)
+    size = (halves * ROWS * shapes.head_dim * 2 + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
+            + ROWS * shapes.block_kv * 2 + ROWS * 4)
     return size + (shapes.block_kv * shapes.head_dim * 2 if shapes.split_float32 else 0)
 
 
@@ -310,27 +285,27 @@ def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes,
     with _interpret_off_gpu():
         results = plgpu.kernel(
             body, out_type=tuple(out_type), scratch_types=_scratch(shapes, dtype, split),
-            grid=(shapes.num_kv_heads // shapes.heads_per_block, shapes.num_tiles, shapes.num_splits),
+            grid=(shapes.num_kv_heads, shapes.num_tiles, shapes.num_splits),
             grid_names=("kv_heads", "tiles", "splits"), compiler_params=_COMPILER_PARAMS,
         )(tiles, layer, page_indices, *q_parts, kv_cache)
     return results[0], (results[1] if split else None)
 
 
 def _scratch(shapes: _Shapes, dtype, split: bool) -> list:
-    """Query tile(s) (one per query buffer), K and V stages as the cache stores them, P, row LSEs (one per
-    query buffer), barriers, and for float32 one bfloat16 buffer holding a half of K or V at a time."""
+    """Query tile(s), K and V stages as the cache stores them, P, row LSEs, barriers, and for float32 one
+    bfloat16 buffer holding a half of K or V at a time."""
     mma_dtype = jnp.bfloat16 if shapes.split_float32 else dtype
-    d, bk, nq = shapes.head_dim, shapes.block_kv, shapes.num_q_buffers
+    d, bk = shapes.head_dim, shapes.block_kv
     kv_tile = (shapes.num_stages, bk, d)
     num_q = 2 if shapes.split_float32 else 1
     return [
-        [plgpu.SMEM((nq, ROWS, d), mma_dtype, transforms=_transforms(mma_dtype, d)) for _ in range(num_q)],
+        [plgpu.SMEM((ROWS, d), mma_dtype, transforms=_transforms(mma_dtype, d)) for _ in range(num_q)],
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM((ROWS, bk), mma_dtype, transforms=_transforms(mma_dtype, bk)),
         plgpu.SMEM((bk, d), mma_dtype, transforms=_transforms(mma_dtype, d)) if shapes.split_float32 else None,
-        plgpu.SMEM((nq, ROWS), jnp.float32) if split else None,
-        plgpu.Barrier(num_arrivals=num_q, num_barriers=nq),
+        plgpu.SMEM((ROWS,), jnp.float32) if split else None,
+        plgpu.Barrier(num_arrivals=num_q),
         plgpu.Barrier(num_arrivals=2 * max(1, bk // shapes.page_size), num_barriers=shapes.num_stages),
     ]
 
@@ -352,21 +327,17 @@ def _transforms(dtype, minor: int) -> tuple:
 class _Buffers:
     """One block's shared memory (refs)."""
 
-    q: list  # [q] for 16-bit inputs; [q_hi, q_lo] for float32; each [query buffers, 64, D]
+    q: list  # [q] for 16-bit inputs; [q_hi, q_lo] for float32
     k: object  # [stages, block_kv, D] as the cache stores it
     v: object
     p: object  # [64, block_kv] 16-bit probabilities
     half: object | None  # float32 only: [block_kv, D] bfloat16, one half of K or V at a time
-    lse: object | None  # [query buffers, 64]
-    slot: jax.Array  # the query buffer of the head being run
-
-    def query(self, part: int = 0):
-        return self.q[part].at[self.slot]
+    lse: object | None
 
     @property
     def out(self):
-        """The output tile: the head's query tile for 16-bit inputs, a float32 KV stage (all consumed by then)."""
-        return self.k.at[0] if self.half is not None else self.query()
+        """The output tile: the query tile for 16-bit inputs, a float32 KV stage (all consumed by then)."""
+        return self.k.at[0] if self.half is not None else self.q[0]
 
 
 def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int, sm_scale: float,
@@ -374,9 +345,9 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
     q_refs, kv_ref, refs = refs[:num_q], refs[num_q], refs[num_q + 1:]
     split = shapes.num_splits > 1
     out_ref, lse_ref = (refs[0], refs[1]) if split else (refs[0], None)
-    q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barriers, kv_barriers = refs[2 if split else 1:]
-    first_head = lax.axis_index("kv_heads") * shapes.heads_per_block
-    slot, part = lax.axis_index("tiles"), lax.axis_index("splits")
+    q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
+    buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem)
+    head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
 
     @pl.when(tiles_ref[slot, 5] != 0)
     def _tile():
@@ -388,60 +359,30 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
         per_part = (hi - lo + shapes.num_splits - 1) // shapes.num_splits
         start = lo + part * per_part
         steps = jnp.maximum(jnp.minimum(start + per_part, hi) - start, 0)
-        total = steps * shapes.heads_per_block  # the pipeline's steps over all of the block's heads
         fetch = functools.partial(_fetch, pages_ref, kv_ref, k_smem, v_smem, kv_barriers, shapes,
-                                  layer_ref[0], seq, first_head, start, jnp.maximum(steps, 1))
+                                  layer_ref[0], seq, head, start)
         for j in range(shapes.num_stages):
-            pl.when(j < total)(functools.partial(fetch, j))
-
-        def load_queries(h):
-            """Start the copy of head `first_head + h`'s query tile into its buffer."""
-            buffer = lax.rem(h, shapes.num_q_buffers)
-            for q_ref, smem in zip(q_refs, q_smem):
-                plgpu.copy_gmem_to_smem(q_ref.at[first_head + h, pl.ds(first_row, ROWS)], smem.at[buffer],
-                                        q_barriers.at[buffer])
-
-        load_queries(0)
-
-        def one_head(h, _):
-            buffer = lax.rem(h, shapes.num_q_buffers)
-            buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, buffer)
-            plgpu.barrier_wait(q_barriers.at[buffer])
-            if shapes.heads_per_block > 1:
-                @pl.when(h + 1 < shapes.heads_per_block)
-                def _next_queries():
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the buffer held head h - 1's output
-                    load_queries(h + 1)
-            acc, m_i, l_i = _attend_steps(buf, kv_barriers, fetch, shapes, steps, h * steps, total, start,
-                                          first_pos, sm_scale=sm_scale, sliding_window=sliding_window,
-                                          soft_cap=soft_cap)
-            _store(buf, acc, m_i, l_i, out_ref.at[part, first_head + h, slot],
-                   lse_ref.at[part, first_head + h, slot] if split else None)
-            return _
-
-        lax.fori_loop(0, shapes.heads_per_block, one_head, None)
+            pl.when(j < steps)(functools.partial(fetch, j))
+        for q_ref, smem in zip(q_refs, q_smem):
+            plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, ROWS)], smem, q_barrier)
+        plgpu.barrier_wait(q_barrier)
+        acc, m_i, l_i = _attend_steps(buf, kv_barriers, fetch, shapes, steps, start, first_pos,
+                                      sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+        buf.out[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(buf.out.dtype)
+        if split:
+            lse_smem[...] = m_i + jnp.log2(l_safe)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf.out, out_ref.at[part, head, slot])
+        if split:
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[part, head, slot])
         plgpu.wait_smem_to_gmem(0)
 
 
-def _store(buf: _Buffers, acc, m_i, l_i, out_ref, lse_ref) -> None:
-    """Normalize a head's output rows and start their copy out (and their LSEs' for split merges)."""
-    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-    buf.out[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(buf.out.dtype)
-    if lse_ref is not None:
-        buf.lse.at[buf.slot][...] = m_i + jnp.log2(l_safe)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(buf.out, out_ref)
-    if lse_ref is not None:
-        plgpu.copy_smem_to_gmem(buf.lse.at[buf.slot], lse_ref)
-
-
-def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, seq, first_head, start, steps,
-           step):
-    """Start the TMA copies of pipeline step `step` into stage `step % num_stages`: KV block
-    `start + step % steps` of sequence `seq`, of KV head `first_head + step // steps`."""
+def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, seq, head, start, step):
+    """Start the TMA copies of KV block `start + step` of sequence `seq` into stage `step % num_stages`."""
     stage = lax.rem(step, shapes.num_stages)
-    head = first_head + step // steps
-    first_token = (start + lax.rem(step, steps)) * shapes.block_kv
+    first_token = (start + step) * shapes.block_kv
     barrier = barriers.at[stage]
     if shapes.page_size >= shapes.block_kv:
         page = pages_ref[seq, jnp.minimum(first_token // shapes.page_size, shapes.pages_per_seq - 1)]
@@ -457,11 +398,9 @@ def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, 
         plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head + 1], v_smem.at[stage, rows], barrier)
 
 
-def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, first_step, total, start, first_pos, *,
+def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, start, first_pos, *,
                   sm_scale: float, sliding_window: int | None, soft_cap: float | None):
-    """The online-softmax loop over one head's KV steps, pipeline steps `first_step` onwards of the block's
-    `total` (the last ones fetch the next head's first KV blocks); returns (acc, row max, row sum), log2
-    units."""
+    """The online-softmax loop over this block's KV steps; returns (acc, row max, row sum), log2 units."""
     wgmma = plgpu.Layout.WGMMA
     block = (ROWS, shapes.block_kv)
     q_pos = first_pos + plgpu.broadcasted_iota(jnp.int32, block, 0, layout=wgmma) // shapes.group
@@ -469,7 +408,7 @@ def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, first_
 
     def step(j, carry):
         acc, m_i, l_i = carry
-        stage = lax.rem(first_step + j, shapes.num_stages)
+        stage = lax.rem(j, shapes.num_stages)
         plgpu.barrier_wait(barriers.at[stage])
         s = pl.run_scoped(functools.partial(_scores, buf, stage), plgpu.ACC(block, jnp.float32))
         if soft_cap is None:
@@ -488,8 +427,7 @@ def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, first_
         l_i = l_i * alpha + p.sum(axis=1)
         pv = pl.run_scoped(functools.partial(_values, buf, stage, p), plgpu.ACC(acc.shape, jnp.float32))
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
-        ahead = first_step + j + shapes.num_stages
-        pl.when(ahead < total)(lambda: fetch(ahead))
+        pl.when(j + shapes.num_stages < steps)(lambda: fetch(j + shapes.num_stages))
         return acc, m_new, l_i
 
     init = (plgpu.layout_cast(jnp.zeros((ROWS, shapes.head_dim), jnp.float32), wgmma),
@@ -501,9 +439,9 @@ def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, first_
 def _scores(buf: _Buffers, stage, acc_ref):
     """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo."""
     if buf.half is None:
-        plgpu.wgmma(acc_ref, buf.query(), buf.k.at[stage].transpose((1, 0)))
+        plgpu.wgmma(acc_ref, buf.q[0], buf.k.at[stage].transpose((1, 0)))
         return acc_ref[...]
-    q_hi, q_lo = buf.query(0), buf.query(1)
+    q_hi, q_lo = buf.q
     k_hi, k_lo = _split_halves(buf.k.at[stage][...])
     key = buf.half.transpose((1, 0))
     _stage_half(buf.half, k_hi)

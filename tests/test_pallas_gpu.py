@@ -24,13 +24,12 @@ CASES = [
 ]
 
 
-def run_kernel(q_lens, ctx, h, kvh, d, page, window, cap, splits, dtype=jnp.bfloat16, heads_per_block=None):
+def run_kernel(q_lens, ctx, h, kvh, d, page, window, cap, splits, dtype=jnp.bfloat16):
     rng = np.random.default_rng(sum(ctx) + d + h)
     q, k, v, cache, md = random_batch(rng, q_lens, ctx, h, kvh, d, page, max_seqs=len(q_lens) + 1)
     args = [jnp.asarray(x, dtype) for x in (q, k, v, cache)]
-    sizes = gpu.BlockSizes(num_splits=splits, heads_per_block=heads_per_block)
     out, new_cache = gpu.ragged_paged_attention(*args, md, 1, sm_scale=0.7 / np.sqrt(d), sliding_window=window,
-                                                soft_cap=cap, sizes=sizes)
+                                                soft_cap=cap, sizes=gpu.BlockSizes(num_splits=splits))
     expected = dense_attention(*(np.asarray(a, np.float32) for a in args), md, 1, 0.7 / np.sqrt(d), window, cap)
     return np.asarray(out, np.float32), expected, sum(q_lens)
 
@@ -41,24 +40,6 @@ def test_matches_dense_attention(q_lens, ctx, h, kvh, d, page, window, cap, spli
     row_err = np.linalg.norm(out[:n] - expected[:n], axis=(1, 2)) / np.linalg.norm(expected[:n], axis=(1, 2))
     assert row_err.max() < 1e-2  # every query row, at bfloat16 precision
     np.testing.assert_array_equal(out[n:], 0.0)  # padding rows
-
-
-@pytest.mark.parametrize("q_lens,ctx,heads_per_block,splits", [
-    ([1, 1, 1], [1, 150, 70], 4, 1),  # decode: a block runs all four KV heads, the pipeline across them
-    ([1, 1, 1], [1, 150, 70], 2, 3),  # two heads a block, three splits (one of them empty for the short one)
-    ([5, 1, 20], [70, 17, 20], 2, None),  # prefill tiles too, when asked
-])
-def test_blocks_that_run_several_kv_heads_match_dense_attention(q_lens, ctx, heads_per_block, splits):
-    out, expected, n = run_kernel(q_lens, ctx, 16, 4, 64, 16, None, None, splits, heads_per_block=heads_per_block)
-    row_err = np.linalg.norm(out[:n] - expected[:n], axis=(1, 2)) / np.linalg.norm(expected[:n], axis=(1, 2))
-    assert row_err.max() < 1e-2
-    np.testing.assert_array_equal(out[n:], 0.0)
-
-
-def test_decode_batches_that_fill_the_gpu_run_several_heads_a_block():
-    assert gpu._heads_per_block(8, 256, 256) == 4  # 512 blocks of 4 heads: two per SM of an H100
-    assert gpu._heads_per_block(8, 64, 64) == 1
-    assert gpu._heads_per_block(8, 2048, 256) == 1  # tiles may hold prefill chunks
 
 
 def test_tiles_start_on_whole_tma_tiles():
