@@ -359,14 +359,14 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
         per_part = (hi - lo + shapes.num_splits - 1) // shapes.num_splits
         start = lo + part * per_part
         steps = jnp.maximum(jnp.minimum(start + per_part, hi) - start, 0)
-        page_ids = functools.partial(_page_ids, pages_ref, shapes, seq, start)
-        fetch = functools.partial(_fetch, kv_ref, k_smem, v_smem, kv_barriers, shapes, layer_ref[0], head, start)
+        fetch = functools.partial(_fetch, pages_ref, kv_ref, k_smem, v_smem, kv_barriers, shapes,
+                                  layer_ref[0], seq, head, start)
         for j in range(shapes.num_stages):
-            pl.when(j < steps)(functools.partial(fetch, j, page_ids(j)))
+            pl.when(j < steps)(functools.partial(fetch, j))
         for q_ref, smem in zip(q_refs, q_smem):
             plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, ROWS)], smem, q_barrier)
         plgpu.barrier_wait(q_barrier)
-        acc, m_i, l_i = _attend_steps(buf, kv_barriers, page_ids, fetch, shapes, steps, start, first_pos,
+        acc, m_i, l_i = _attend_steps(buf, kv_barriers, fetch, shapes, steps, start, first_pos,
                                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
         l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
         buf.out[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(buf.out.dtype)
@@ -379,31 +379,26 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
         plgpu.wait_smem_to_gmem(0)
 
 
-def _page_ids(pages_ref, shapes: _Shapes, seq, start, step) -> list:
-    """The cache pages holding KV block `start + step` of sequence `seq` (clamped into its page row, so
-    that a step past the end reads a valid entry). Read a step ahead of their copies: the read's latency
-    then overlaps the step's tensor-core work instead of stalling the warpgroup before the copies start."""
-    first_page = (start + step) * shapes.block_kv // shapes.page_size
-    return [pages_ref[seq, jnp.minimum(first_page + p, shapes.pages_per_seq - 1)]
-            for p in range(max(1, shapes.block_kv // shapes.page_size))]
-
-
-def _fetch(kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, head, start, step, pages: list):
-    """Start the TMA copies of KV block `start + step` (in `pages`) into stage `step % num_stages`."""
+def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, seq, head, start, step):
+    """Start the TMA copies of KV block `start + step` of sequence `seq` into stage `step % num_stages`."""
     stage = lax.rem(step, shapes.num_stages)
+    first_token = (start + step) * shapes.block_kv
     barrier = barriers.at[stage]
     if shapes.page_size >= shapes.block_kv:
-        rows = pl.ds((start + step) * shapes.block_kv % shapes.page_size, shapes.block_kv)
-        plgpu.copy_gmem_to_smem(kv_ref.at[layer, pages[0], rows, 2 * head], k_smem.at[stage], barrier)
-        plgpu.copy_gmem_to_smem(kv_ref.at[layer, pages[0], rows, 2 * head + 1], v_smem.at[stage], barrier)
+        page = pages_ref[seq, jnp.minimum(first_token // shapes.page_size, shapes.pages_per_seq - 1)]
+        rows = pl.ds(first_token % shapes.page_size, shapes.block_kv)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, rows, 2 * head], k_smem.at[stage], barrier)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, rows, 2 * head + 1], v_smem.at[stage], barrier)
         return
-    for p, page in enumerate(pages):
+    first_page = first_token // shapes.page_size
+    for p in range(shapes.block_kv // shapes.page_size):
+        page = pages_ref[seq, jnp.minimum(first_page + p, shapes.pages_per_seq - 1)]
         rows = pl.ds(p * shapes.page_size, shapes.page_size)
         plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head], k_smem.at[stage, rows], barrier)
         plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head + 1], v_smem.at[stage, rows], barrier)
 
 
-def _attend_steps(buf: _Buffers, barriers, page_ids, fetch, shapes: _Shapes, steps, start, first_pos, *,
+def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, start, first_pos, *,
                   sm_scale: float, sliding_window: int | None, soft_cap: float | None):
     """The online-softmax loop over this block's KV steps; returns (acc, row max, row sum), log2 units."""
     wgmma = plgpu.Layout.WGMMA
@@ -413,8 +408,6 @@ def _attend_steps(buf: _Buffers, barriers, page_ids, fetch, shapes: _Shapes, ste
 
     def step(j, carry):
         acc, m_i, l_i = carry
-        ahead = j + shapes.num_stages
-        pages = page_ids(ahead)  # used by the copies at the end of the step
         stage = lax.rem(j, shapes.num_stages)
         plgpu.barrier_wait(barriers.at[stage])
         s = pl.run_scoped(functools.partial(_scores, buf, stage), plgpu.ACC(block, jnp.float32))
@@ -434,7 +427,7 @@ def _attend_steps(buf: _Buffers, barriers, page_ids, fetch, shapes: _Shapes, ste
         l_i = l_i * alpha + p.sum(axis=1)
         pv = pl.run_scoped(functools.partial(_values, buf, stage, p), plgpu.ACC(acc.shape, jnp.float32))
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
-        pl.when(ahead < steps)(lambda: fetch(ahead, pages))
+        pl.when(j + shapes.num_stages < steps)(lambda: fetch(j + shapes.num_stages))
         return acc, m_new, l_i
 
     init = (plgpu.layout_cast(jnp.zeros((ROWS, shapes.head_dim), jnp.float32), wgmma),
