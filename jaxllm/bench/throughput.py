@@ -33,7 +33,9 @@ def run(options: dict[str, Any], engine_args: dict[str, Any]) -> dict[str, Any]:
                                  llm.llm_engine.model_config.vocab_size, seed=engine_args.get("seed") or 0)
     vocab = llm.llm_engine.model_config.vocab_size  # a smaller vocabulary gets the ids folded into it
     prompts = [{"prompt_token_ids": [t % vocab for t in r.prompt_token_ids]} for r in requests]
-    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.output_len) for r in requests]
+    # vLLM's settings; `sampling` (not a CLI flag: benchmarks/sharegpt_sampling.py) overrides them.
+    settings = {"temperature": 1.0, "top_p": 1.0, **options.get("sampling", {})}
+    params = [SamplingParams(**settings, ignore_eos=True, max_tokens=r.output_len) for r in requests]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
