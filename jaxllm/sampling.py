@@ -150,8 +150,26 @@ def _needs_penalties(inp: SamplingInputs) -> jax.Array:
 def ranks_and_top(raw: jax.Array, token_logprobs: jax.Array, num: int):
     """Rank of each row's token (1 + the tokens more likely) and the `num` most likely ids and logprobs."""
     ranks = 1 + jnp.sum(raw > token_logprobs[:, None], axis=-1).astype(jnp.int32)
-    top_logprobs, top_ids = jax.lax.top_k(raw, num)
+    top_logprobs, top_ids = top_k_by_chunks(raw, num)
     return ranks, top_ids.astype(jnp.int32), top_logprobs
+
+
+_TOP_K_CHUNK = 256
+
+
+def top_k_by_chunks(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k(x, k)` over rows `[S, V]` in two rounds: the top k of each chunk of 256 columns, then the top
+    k of those; exact, with its ties (the lower index first). On GPUs `lax.top_k` with k above 16 sorts whole
+    rows (2.2 ms at 256 rows of 128k tokens on an H100), where the chunks' top k sorts short rows."""
+    rows, width = x.shape
+    chunks = -(-width // _TOP_K_CHUNK)
+    if chunks < 2 or k > _TOP_K_CHUNK:
+        return jax.lax.top_k(x, k)
+    padded = jnp.pad(x, ((0, 0), (0, chunks * _TOP_K_CHUNK - width)), constant_values=-jnp.inf)
+    values, ids = jax.lax.top_k(padded.reshape(rows, chunks, _TOP_K_CHUNK), k)
+    ids = (ids + (jnp.arange(chunks) * _TOP_K_CHUNK)[None, :, None]).reshape(rows, chunks * k)
+    top, where = jax.lax.top_k(values.reshape(rows, chunks * k), k)
+    return top, jnp.take_along_axis(ids, where, axis=1)
 
 
 def _no_ranks(raw: jax.Array, token_logprobs: jax.Array, num: int):

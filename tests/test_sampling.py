@@ -19,6 +19,7 @@ from jaxllm.sampling import (
     record,
     reset_row,
     sample,
+    top_k_by_chunks,
 )
 
 VOCAB = 40
@@ -172,6 +173,16 @@ def test_logprobs_are_raw_log_softmax():
     chosen = np.asarray(result.tokens)
     np.testing.assert_allclose(np.asarray(result.logprobs), np.asarray(raw)[np.arange(3), chosen], rtol=1e-6)
     assert all(np.asarray(result.ranks) >= 1)
+
+
+@pytest.mark.parametrize("width,k", [(1000, 20), (512, 7), (300, 256), (200, 20)])
+def test_top_k_by_chunks_is_lax_top_k(width, k):
+    """The two-round top k gives `lax.top_k`'s values and ids, ties (many here) included."""
+    x = jnp.asarray(np.random.default_rng(width).integers(0, 40, (5, width)), jnp.float32)
+    values, ids = top_k_by_chunks(x, k)
+    want_values, want_ids = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
 
 
 def test_recorded_samples_match_a_history_that_contains_them():
