@@ -21,11 +21,12 @@ _NEG_INF = -jnp.inf
 
 
 class SamplerKind(str, enum.Enum):
-    """How a compiled sampler handles the two costly optional stages, the top-k/top-p/min-p filter and the
-    ranks and top logprobs (each sorts every row's vocabulary: about 2.2 ms at 256 rows of 128k tokens on an
-    H100). XLA:GPU decides a `cond` on the host, waiting for the device to get there, so a program with these
-    `cond`s keeps the host from queuing the next step ahead (10-14 ms of each 8-step call at 256 sequences):
-    multi-step decode programs, which the runner picks per batch, decide on the host instead."""
+    """How a compiled sampler handles the two costly optional stages, the top-k/top-p/min-p filter (a sort of
+    every row's vocabulary: about 2.2 ms at 256 rows of 128k tokens on an H100) and the ranks and top
+    logprobs (a top k of every row). XLA:GPU decides a `cond` on the host, waiting for the device to get
+    there, so a program with these `cond`s keeps the host from queuing the next step ahead (10-14 ms of each
+    8-step call at 256 sequences): multi-step decode programs, which the runner picks per batch, decide on
+    the host instead."""
 
     RUN_TIME = "run_time"  # each stage under a `cond` on whether some row needs it (one program for all batches)
     PLAIN = "plain"  # neither stage: no row of the batch filters or wants logprobs
