@@ -40,9 +40,8 @@ UNROLL = "--xla_gpu_command_buffer_unroll_loops=true"
 VARIANTS = {
     "default": "",
     "off": "--xla_gpu_enable_command_buffer=",
-    "unrolled_graph": f"{CAPTURE_LOOPS} --xla_gpu_command_buffer_unroll_loops=true",
-    "unrolled_graph_skip_temp": f"{CAPTURE_LOOPS} --xla_gpu_command_buffer_unroll_loops=true "
-                                "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
+    "unrolled_graph": f"{CAPTURE_LOOPS} {UNROLL}",
+    "unrolled_graph_skip_temp": f"{CAPTURE_LOOPS} {UNROLL} --xla_gpu_command_buffer_update_mode=SKIP_TEMP",
     "triton_gemm": "--xla_gpu_enable_triton_gemm=true",
     "dot_merger": "--xla_disable_hlo_passes=",
     "conditional": f"--xla_gpu_enable_command_buffer={DEFAULT_TYPES},CONDITIONAL",

@@ -34,6 +34,18 @@ class SamplerKind(str, enum.Enum):
     FULL = "full"  # both stages for every row, no `cond`
 
 
+# Per kind, whether the filter and the ranks are computed (None: a run-time `cond` decides).
+_STAGES = {SamplerKind.RUN_TIME: (None, None), SamplerKind.PLAIN: (False, False),
+           SamplerKind.FILTER: (True, False), SamplerKind.FULL: (True, True)}
+
+
+def _stage(static: bool | None, needed: jax.Array, apply, skip, *args):
+    """`apply(*args)` or `skip(*args)`: as `static` says, or on `needed` at run time where it is None."""
+    if static is None:
+        return jax.lax.cond(needed, apply, skip, *args)
+    return (apply if static else skip)(*args)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingInputs:
@@ -187,21 +199,13 @@ def sample(logits: jax.Array, inp: SamplingInputs, state: PenaltyState, num_logp
     logits = jax.lax.cond(jnp.any(inp.steps < inp.min_tokens), ban_tokens, lambda x, _: x, logits, inp)
     greedy = inp.temperature < GREEDY_EPS
     scaled = logits / jnp.where(greedy, 1.0, inp.temperature)[:, None]
-    if kind in (SamplerKind.FILTER, SamplerKind.FULL):
-        scaled = filter_logits(scaled, inp)
-    elif kind is SamplerKind.RUN_TIME:
-        scaled = jax.lax.cond(_needs_filter(inp), filter_logits, lambda s, _: s, scaled, inp)
+    filters, ranks = _STAGES[kind]
+    scaled = _stage(filters, _needs_filter(inp), filter_logits, lambda s, _: s, scaled, inp)
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(inp.seeds, inp.steps)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     drawn = jnp.argmax(scaled + gumbel, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
-    if kind is SamplerKind.FULL:
-        ranks, top_ids, top_logprobs = ranks_and_top(raw, token_logprobs, num_logprobs)
-    elif kind in (SamplerKind.PLAIN, SamplerKind.FILTER):
-        ranks, top_ids, top_logprobs = _no_ranks(raw, token_logprobs, num_logprobs)
-    else:
-        ranks, top_ids, top_logprobs = jax.lax.cond(
-            inp.want_logprobs, functools.partial(ranks_and_top, num=num_logprobs),
-            functools.partial(_no_ranks, num=num_logprobs), raw, token_logprobs)
-    return SampleResult(tokens, token_logprobs, ranks, top_ids, top_logprobs)
+    ranked = _stage(ranks, inp.want_logprobs, functools.partial(ranks_and_top, num=num_logprobs),
+                    functools.partial(_no_ranks, num=num_logprobs), raw, token_logprobs)
+    return SampleResult(tokens, token_logprobs, *ranked)
