@@ -32,6 +32,7 @@ from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
 from pallas_kernels.reference import write_kv
 
 ROWS = 64  # query rows per tile: the M of one Hopper wgmma
+_SMALL_TILE = 8  # query rows of one TMA tile
 _LOG2E = math.log2(math.e)
 _NUM_SMS = 132  # H100 SXM; only sizes the split heuristic
 _SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper block may use
@@ -65,6 +66,9 @@ class _Shapes:
     block_kv: int
     num_stages: int
     split_float32: bool = False  # float32 inputs, computed as bfloat16 high and low halves
+    # P reaches P.V through shared memory: float32's halves, and under the GPU interpreter, whose wgmma takes
+    # shared-memory operands only (compiled 16-bit kernels keep P in registers)
+    p_in_smem: bool = True
 
     @property
     def tokens_per_tile(self) -> int:
@@ -146,17 +150,18 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
     split_float32 = jnp.dtype(kv_cache.dtype) == jnp.float32
     if split_float32:
         block_kv = ROWS  # the output tile reuses a float32 KV stage
+    p_in_smem = split_float32 or jax.default_backend() != "gpu"
     shapes = _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits,
-                     block_kv, sizes.num_stages, split_float32)
+                     block_kv, sizes.num_stages, split_float32, p_in_smem)
     return _fit_shared_memory(shapes, kv_cache.dtype)
 
 
 def _smem_bytes(shapes: _Shapes, dtype) -> int:
-    """Shared memory of one block: the query tile(s), K and V stages, P, the row LSEs, and for float32 one
-    bfloat16 K/V half."""
+    """Shared memory of one block: the query tile(s), K and V stages, the row LSEs, P where it goes through
+    shared memory, and for float32 one bfloat16 K/V half."""
     item, halves = jnp.dtype(dtype).itemsize, 2 if shapes.split_float32 else 1
-    size = (halves * ROWS * shapes.head_dim * 2 + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
-            + ROWS * shapes.block_kv * 2 + ROWS * 4)
+    size = halves * ROWS * shapes.head_dim * 2 + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
+    size += ROWS * 4 + (ROWS * shapes.block_kv * 2 if shapes.p_in_smem else 0)
     return size + (shapes.block_kv * shapes.head_dim * 2 if shapes.split_float32 else 0)
 
 
@@ -292,8 +297,8 @@ def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes,
 
 
 def _scratch(shapes: _Shapes, dtype, split: bool) -> list:
-    """Query tile(s), K and V stages as the cache stores them, P, row LSEs, barriers, and for float32 one
-    bfloat16 buffer holding a half of K or V at a time."""
+    """Query tile(s), K and V stages as the cache stores them, P (`p_in_smem`), row LSEs, barriers, and for
+    float32 one bfloat16 buffer holding a half of K or V at a time."""
     mma_dtype = jnp.bfloat16 if shapes.split_float32 else dtype
     d, bk = shapes.head_dim, shapes.block_kv
     kv_tile = (shapes.num_stages, bk, d)
@@ -302,7 +307,7 @@ def _scratch(shapes: _Shapes, dtype, split: bool) -> list:
         [plgpu.SMEM((ROWS, d), mma_dtype, transforms=_transforms(mma_dtype, d)) for _ in range(num_q)],
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
-        plgpu.SMEM((ROWS, bk), mma_dtype, transforms=_transforms(mma_dtype, bk)),
+        plgpu.SMEM((ROWS, bk), mma_dtype, transforms=_transforms(mma_dtype, bk)) if shapes.p_in_smem else None,
         plgpu.SMEM((bk, d), mma_dtype, transforms=_transforms(mma_dtype, d)) if shapes.split_float32 else None,
         plgpu.SMEM((ROWS,), jnp.float32) if split else None,
         plgpu.Barrier(num_arrivals=num_q),
@@ -330,7 +335,7 @@ class _Buffers:
     q: list  # [q] for 16-bit inputs; [q_hi, q_lo] for float32
     k: object  # [stages, block_kv, D] as the cache stores it
     v: object
-    p: object  # [64, block_kv] 16-bit probabilities
+    p: object | None  # [64, block_kv] 16-bit probabilities (or float32's halves) where `p_in_smem`
     half: object | None  # float32 only: [block_kv, D] bfloat16, one half of K or V at a time
     lse: object | None
 
@@ -363,8 +368,14 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
                                   layer_ref[0], seq, head, start)
         for j in range(shapes.num_stages):
             pl.when(j < steps)(functools.partial(fetch, j))
-        for q_ref, smem in zip(q_refs, q_smem):
-            plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, ROWS)], smem, q_barrier)
+        rows = (jnp.minimum(offset + shapes.tokens_per_tile, q_len) - offset) * shapes.group
+        moved = functools.partial(_by_rows, rows, shapes)
+
+        def load_q(n: int) -> None:
+            for q_ref, smem in zip(q_refs, q_smem):
+                plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, n)], smem.at[pl.ds(0, n)], q_barrier)
+
+        moved(load_q)
         plgpu.barrier_wait(q_barrier)
         acc, m_i, l_i = _attend_steps(buf, kv_barriers, fetch, shapes, steps, start, first_pos,
                                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
@@ -373,10 +384,21 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
         if split:
             lse_smem[...] = m_i + jnp.log2(l_safe)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf.out, out_ref.at[part, head, slot])
+        moved(lambda n: plgpu.copy_smem_to_gmem(buf.out.at[pl.ds(0, n)], out_ref.at[part, head, slot, pl.ds(0, n)]))
         if split:
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[part, head, slot])
         plgpu.wait_smem_to_gmem(0)
+
+
+def _by_rows(rows, shapes: _Shapes, move) -> None:
+    """`move(n)` the first n rows of a tile's queries or output: one 8-row TMA tile when the tile holds no more
+    rows (a decode token's heads), else all 64. The rows past a tile's own are never read back, so a decode
+    tile moves an eighth of the bytes."""
+    if shapes.group > _SMALL_TILE:
+        move(ROWS)
+        return
+    pl.when(rows <= _SMALL_TILE)(lambda: move(_SMALL_TILE))
+    pl.when(rows > _SMALL_TILE)(lambda: move(ROWS))
 
 
 def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, seq, head, start, step):
@@ -454,10 +476,13 @@ def _scores(buf: _Buffers, stage, acc_ref):
 
 
 def _values(buf: _Buffers, stage, p, acc_ref):
-    """P.V of one KV step into `acc_ref`; float32 as p_hi.v_hi + p_lo.v_hi + p_hi.v_lo."""
+    """P.V of one KV step into `acc_ref`. 16-bit P goes to the tensor cores from registers, as in
+    FlashAttention-3 (no shared-memory round trip); float32 as p_hi.v_hi + p_lo.v_hi + p_hi.v_lo."""
     if buf.half is None:
-        _stage_half(buf.p, p.astype(buf.p.dtype))
-        plgpu.wgmma(acc_ref, buf.p, buf.v.at[stage])
+        p = p.astype(buf.v.dtype)
+        if buf.p is not None:
+            _stage_half(buf.p, p)
+        plgpu.wgmma(acc_ref, p if buf.p is None else buf.p, buf.v.at[stage])
         return acc_ref[...]
     p_hi, p_lo = _split_halves(p)
     v_hi, v_lo = _split_halves(buf.v.at[stage][...])
