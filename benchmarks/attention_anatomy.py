@@ -8,7 +8,7 @@ diagnostic changes that each take one cost away:
 
 The KV bytes and TB/s are those of the real case in every row, so each row reads as "as fast as if".
 
-    python benchmarks/attention_anatomy.py [--output-json PATH]
+    python benchmarks/attention_anatomy.py [--cases NAME ...] [--output-json PATH]
 """
 
 from __future__ import annotations
@@ -20,19 +20,22 @@ import json
 
 import jax
 import jax.numpy as jnp
-from attention import HEAD_DIM, KV_HEADS, attend_fn, gpu_time, ragged_batch
+from attention import HEAD_DIM, HEADS, KV_HEADS, attend_fn, gpu_time, ragged_batch
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import gpu
 
-CASES = {  # name: (query tokens of each sequence, context of each sequence)
-    "decode 1 x 512": ([1], [512]),
-    "decode 256 x 480": ([1] * 256, [480] * 256),
-    "decode 64 x 2048": ([1] * 64, [2048] * 64),
-    "decode 256 x 1024": ([1] * 256, [1024] * 256),
-    "prefill 2048": ([2048], [2048]),
+CASES = {  # name: (query tokens of each sequence, context of each sequence, query heads, KV heads)
+    "decode 1 x 512": ([1], [512], HEADS, KV_HEADS),
+    "decode 256 x 480": ([1] * 256, [480] * 256, HEADS, KV_HEADS),
+    # The same KV bytes and blocks with one KV head: a head's K (or V) rows of a page lie 512 B apart in the
+    # cache instead of 4 KiB, so this tells whether the cache layout limits the copies.
+    "decode 2048 x 480, 1 KV head": ([1] * 2048, [480] * 2048, HEADS // KV_HEADS, 1),
+    "decode 64 x 2048": ([1] * 64, [2048] * 64, HEADS, KV_HEADS),
+    "decode 256 x 1024": ([1] * 256, [1024] * 256, HEADS, KV_HEADS),
+    "prefill 2048": ([2048], [2048], HEADS, KV_HEADS),
 }
 
 
@@ -71,14 +74,16 @@ def _measure(variant: str, q, cache, md) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = []
     print("| case | variant | ms | KV TB/s |")
     print("| --- | --- | --- | --- |")
-    for i, (case, (q_lens, contexts)) in enumerate(CASES.items()):
-        q, cache, md = ragged_batch(q_lens, contexts, 16, jax.random.key(i))
-        kv_bytes = sum(contexts) * KV_HEADS * HEAD_DIM * 2 * 2
+    for i, case in enumerate(args.cases):
+        q_lens, contexts, heads, kv_heads = CASES[case]
+        q, cache, md = ragged_batch(q_lens, contexts, 16, jax.random.key(i), heads, kv_heads)
+        kv_bytes = sum(contexts) * kv_heads * HEAD_DIM * 2 * 2
         for variant in ("kernel", "kv_in_l2", "no_compute"):
             seconds = _measure(variant, q, cache, md)
             rows.append({"case": case, "variant": variant, "ms": seconds * 1e3, "tb_per_s": kv_bytes / seconds / 1e12})
