@@ -8,8 +8,7 @@ diagnostic changes that each take one cost away:
 
 The KV bytes and TB/s are those of the real case in every row, so each row reads as "as fast as if".
 
-    python benchmarks/attention_anatomy.py [--cases NAME ...] [--variants kernel ...] [--prefetch-steps 0 2 ...]
-        [--output-json PATH]
+    python benchmarks/attention_anatomy.py [--cases NAME ...] [--output-json PATH]
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 
 import jax
@@ -39,9 +37,6 @@ CASES = {  # name: (query tokens of each sequence, context of each sequence, que
     "decode 256 x 1024": ([1] * 256, [1024] * 256, HEADS, KV_HEADS),
     "prefill 2048": ([2048], [2048], HEADS, KV_HEADS),
 }
-
-
-VARIANTS = ("kernel", "kv_in_l2", "no_compute")
 
 
 def _copies_only(buf, barriers, fetch, shapes, steps, start, first_pos, **_):
@@ -68,37 +63,31 @@ def _patched(name: str, value):
         setattr(gpu, name, old)
 
 
-def _measure(variant: str, prefetch: int, q, cache, md) -> float:
-    fn = attend_fn("pallas_gpu", sizes=gpu.BlockSizes(prefetch_steps=prefetch))
+def _measure(variant: str, q, cache, md) -> float:
     if variant == "kv_in_l2":
         md = dataclasses.replace(md, page_indices=md.page_indices % 8)
     if variant == "no_compute":
         with _patched("_attend_steps", _copies_only):
-            return gpu_time(fn, q, cache, md)
-    return gpu_time(fn, q, cache, md)
+            return gpu_time(attend_fn("pallas_gpu"), q, cache, md)
+    return gpu_time(attend_fn("pallas_gpu"), q, cache, md)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--prefetch-steps", nargs="+", type=int, default=[0],
-                        help="`BlockSizes.prefetch_steps` values to run each variant with")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = []
-    print("| case | variant | L2 prefetch steps | ms | KV TB/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| case | variant | ms | KV TB/s |")
+    print("| --- | --- | --- | --- |")
     for i, case in enumerate(args.cases):
         q_lens, contexts, heads, kv_heads = CASES[case]
         q, cache, md = ragged_batch(q_lens, contexts, 16, jax.random.key(i), heads, kv_heads)
         kv_bytes = sum(contexts) * kv_heads * HEAD_DIM * 2 * 2
-        for variant, prefetch in itertools.product(args.variants, args.prefetch_steps):
-            seconds = _measure(variant, prefetch, q, cache, md)
-            rows.append({"case": case, "variant": variant, "prefetch_steps": prefetch, "ms": seconds * 1e3,
-                         "tb_per_s": kv_bytes / seconds / 1e12})
-            print(f"| {case} | {variant} | {prefetch} | {seconds * 1e3:.3f} | {kv_bytes / seconds / 1e12:.2f} |",
-                  flush=True)
+        for variant in ("kernel", "kv_in_l2", "no_compute"):
+            seconds = _measure(variant, q, cache, md)
+            rows.append({"case": case, "variant": variant, "ms": seconds * 1e3, "tb_per_s": kv_bytes / seconds / 1e12})
+            print(f"| {case} | {variant} | {seconds * 1e3:.3f} | {kv_bytes / seconds / 1e12:.2f} |", flush=True)
         del q, cache
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -50,7 +50,6 @@ class BlockSizes:
     block_kv: int = 64
     num_stages: int = 2
     num_splits: int | None = None
-    prefetch_steps: int = 0  # how far ahead of its shared-memory copy a KV block is prefetched into L2 (0: not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +65,6 @@ class _Shapes:
     num_splits: int
     block_kv: int
     num_stages: int
-    prefetch_steps: int = 0
     split_float32: bool = False  # float32 inputs, computed as bfloat16 high and low halves
     # P reaches P.V through shared memory: float32's halves, and under the GPU interpreter, whose wgmma takes
     # shared-memory operands only (compiled 16-bit kernels keep P in registers)
@@ -154,7 +152,7 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
         block_kv = ROWS  # the output tile reuses a float32 KV stage
     p_in_smem = split_float32 or jax.default_backend() != "gpu"
     shapes = _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits,
-                     block_kv, sizes.num_stages, sizes.prefetch_steps, split_float32, p_in_smem)
+                     block_kv, sizes.num_stages, split_float32, p_in_smem)
     return _fit_shared_memory(shapes, kv_cache.dtype)
 
 
@@ -367,7 +365,7 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
         start = lo + part * per_part
         steps = jnp.maximum(jnp.minimum(start + per_part, hi) - start, 0)
         fetch = functools.partial(_fetch, pages_ref, kv_ref, k_smem, v_smem, kv_barriers, shapes,
-                                  layer_ref[0], seq, head, start, steps)
+                                  layer_ref[0], seq, head, start)
         for j in range(shapes.num_stages):
             pl.when(j < steps)(functools.partial(fetch, j))
         rows = (jnp.minimum(offset + shapes.tokens_per_tile, q_len) - offset) * shapes.group
@@ -403,37 +401,23 @@ def _by_rows(rows, shapes: _Shapes, move) -> None:
     pl.when(rows > _SMALL_TILE)(lambda: move(ROWS))
 
 
-def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, seq, head, start, steps, step):
-    """Start the TMA copies of KV block `start + step` of sequence `seq` into stage `step % num_stages`, and
-    the L2 prefetch of block `start + step + prefetch_steps` when the block has one."""
+def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, seq, head, start, step):
+    """Start the TMA copies of KV block `start + step` of sequence `seq` into stage `step % num_stages`."""
     stage = lax.rem(step, shapes.num_stages)
-    for k_src, v_src, rows in _block_pieces(pages_ref, kv_ref, shapes, layer, seq, head, start + step):
-        plgpu.copy_gmem_to_smem(k_src, k_smem.at[stage, rows], barriers.at[stage])
-        plgpu.copy_gmem_to_smem(v_src, v_smem.at[stage, rows], barriers.at[stage])
-    if shapes.prefetch_steps:
-        ahead = step + shapes.prefetch_steps
-
-        @pl.when(ahead < steps)
-        def _prefetch():
-            for k_src, v_src, _ in _block_pieces(pages_ref, kv_ref, shapes, layer, seq, head, start + ahead):
-                plgpu.async_prefetch(k_src)
-                plgpu.async_prefetch(v_src)
-
-
-def _block_pieces(pages_ref, kv_ref, shapes: _Shapes, layer, seq, head, block) -> list:
-    """(K source, V source, stage rows) of each page piece of KV block `block` of sequence `seq`."""
-    first_token = block * shapes.block_kv
+    first_token = (start + step) * shapes.block_kv
+    barrier = barriers.at[stage]
     if shapes.page_size >= shapes.block_kv:
         page = pages_ref[seq, jnp.minimum(first_token // shapes.page_size, shapes.pages_per_seq - 1)]
         rows = pl.ds(first_token % shapes.page_size, shapes.block_kv)
-        return [(kv_ref.at[layer, page, rows, 2 * head], kv_ref.at[layer, page, rows, 2 * head + 1],
-                 pl.ds(0, shapes.block_kv))]
-    pieces = []
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, rows, 2 * head], k_smem.at[stage], barrier)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, rows, 2 * head + 1], v_smem.at[stage], barrier)
+        return
+    first_page = first_token // shapes.page_size
     for p in range(shapes.block_kv // shapes.page_size):
-        page = pages_ref[seq, jnp.minimum(first_token // shapes.page_size + p, shapes.pages_per_seq - 1)]
-        pieces.append((kv_ref.at[layer, page, :, 2 * head], kv_ref.at[layer, page, :, 2 * head + 1],
-                       pl.ds(p * shapes.page_size, shapes.page_size)))
-    return pieces
+        page = pages_ref[seq, jnp.minimum(first_page + p, shapes.pages_per_seq - 1)]
+        rows = pl.ds(p * shapes.page_size, shapes.page_size)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head], k_smem.at[stage, rows], barrier)
+        plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head + 1], v_smem.at[stage, rows], barrier)
 
 
 def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, start, first_pos, *,
