@@ -8,7 +8,7 @@ diagnostic changes that each take one cost away:
 
 The KV bytes and TB/s are those of the real case in every row, so each row reads as "as fast as if".
 
-    python benchmarks/attention_anatomy.py [--cases NAME ...] [--output-json PATH]
+    python benchmarks/attention_anatomy.py [--cases NAME ...] [--variants kernel ...] [--output-json PATH]
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ CASES = {  # name: (query tokens of each sequence, context of each sequence, que
     "decode 256 x 1024": ([1] * 256, [1024] * 256, HEADS, KV_HEADS),
     "prefill 2048": ([2048], [2048], HEADS, KV_HEADS),
 }
+
+
+VARIANTS = ("kernel", "kv_in_l2", "no_compute")
 
 
 def _copies_only(buf, barriers, fetch, shapes, steps, start, first_pos, **_):
@@ -75,6 +78,7 @@ def _measure(variant: str, q, cache, md) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = []
@@ -84,7 +88,7 @@ def main() -> None:
         q_lens, contexts, heads, kv_heads = CASES[case]
         q, cache, md = ragged_batch(q_lens, contexts, 16, jax.random.key(i), heads, kv_heads)
         kv_bytes = sum(contexts) * kv_heads * HEAD_DIM * 2 * 2
-        for variant in ("kernel", "kv_in_l2", "no_compute"):
+        for variant in args.variants:
             seconds = _measure(variant, q, cache, md)
             rows.append({"case": case, "variant": variant, "ms": seconds * 1e3, "tb_per_s": kv_bytes / seconds / 1e12})
             print(f"| {case} | {variant} | {seconds * 1e3:.3f} | {kv_bytes / seconds / 1e12:.2f} |", flush=True)
