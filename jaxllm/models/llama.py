@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 import pallas_kernels
 from jaxllm.config import ModelConfig
@@ -151,17 +152,20 @@ class LlamaForCausalLM(nnx.Module):
         plan = pallas_kernels.plan_attention(md, x.shape[0], page_size=kv_cache.shape[2],
                                              group=cfg.num_heads // cfg.num_kv_heads, backend=self.attention_backend)
 
-        def one_layer(carry, xs):
-            x, kv_cache = carry
-            layer_state, index = xs
+        def one_layer(carry):
+            index, x, kv_cache = carry
+            layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), stacked)
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes), None
+            x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes)
+            return index + 1, x, kv_cache
 
-        # The weights go in as the scan's xs: sliced by the loop counter, XLA's GEMMs read them in place
-        # (slicing by another index made XLA copy every layer's weights first, and so does unrolling the scan:
-        # two or four layers an iteration took 16.7-17.0 ms per batch-1 token on an H100 against 7.9).
+        # A while loop whose first element is its counter, as `scan` lowers to, with the weights sliced by that
+        # counter, so XLA's GEMMs read them in place (slicing by another index made XLA copy every layer's weights
+        # first, and so does unrolling the loop: two or four layers an iteration took 16.7-17.0 ms per batch-1
+        # token on an H100 against 7.9). The attention kernel takes the counter as its cache layer (a `scan` over
+        # `arange(depth)` sliced that array too: one more copy per layer).
         depth = jax.tree.leaves(stacked)[0].shape[0]
-        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, jnp.arange(depth)))
+        _, x, kv_cache = lax.while_loop(lambda carry: carry[0] < depth, one_layer, (jnp.int32(0), x, kv_cache))
         return x, kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
