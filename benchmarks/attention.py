@@ -61,6 +61,13 @@ def ragged_batch(q_lens, contexts, page_size: int, key: jax.Array, heads=HEADS, 
     return q, cache, md
 
 
+def save_rows(path: str | None, rows: list[dict]) -> None:
+    """Write a benchmark's table rows with the device's name as JSON, where a path is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+
+
 def attend_fn(backend: str, sm_scale: float = HEAD_DIM**-0.5, **kw):
     impl = {"reference": reference.attend, "pallas_gpu": gpu.attend}[backend]
     if backend == "pallas_gpu":

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
-from attention import HEAD_DIM, HEADS, KV_HEADS, attend_fn, gpu_time, ragged_batch
+from attention import HEAD_DIM, HEADS, KV_HEADS, attend_fn, gpu_time, ragged_batch, save_rows
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -93,9 +92,7 @@ def main() -> None:
             rows.append({"case": case, "variant": variant, "ms": seconds * 1e3, "tb_per_s": kv_bytes / seconds / 1e12})
             print(f"| {case} | {variant} | {seconds * 1e3:.3f} | {kv_bytes / seconds / 1e12:.2f} |", flush=True)
         del q, cache
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+    save_rows(args.output_json, rows)
 
 
 if __name__ == "__main__":

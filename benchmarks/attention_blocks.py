@@ -10,11 +10,10 @@ fill overlaps another's work.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import numpy as np
-from attention import HEAD_DIM, KV_HEADS, attend_fn, gpu_time, ragged_batch
+from attention import HEAD_DIM, KV_HEADS, attend_fn, gpu_time, ragged_batch, save_rows
 
 from pallas_kernels import gpu
 
@@ -52,9 +51,7 @@ def main() -> None:
             print(f"| {case} | {block_kv} | {stages} | {row['ms']:.3f} | {row['tb_per_s']:.2f} | "
                   f"{row['max_abs_diff']:.2e} |")
         del q, cache
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+    save_rows(args.output_json, rows)
 
 
 if __name__ == "__main__":
