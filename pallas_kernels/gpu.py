@@ -7,7 +7,12 @@ rows) or a prefill chunk. The tile's K/V pages are gathered by TMA into shared m
 ahead of the tensor cores (one copy per page and K/V, all completing on the block's barrier). Long
 contexts are split over `num_splits` blocks (flash-decoding); XLA merges their partial outputs by their
 log-sum-exp. New K/V rows are written into their pages before the kernel (an in-place scatter on the
-donated cache), as the TPU kernel does.
+donated cache), as the TPU kernel does. A tile of at most 8 rows (a decode token's heads) moves only that
+one 8-row TMA tile of queries in and of output out, and 16-bit P reaches P.V from registers.
+
+Where the time goes (`benchmarks/attention_anatomy.py`, `attention_ncu.py`; H100): at decode shapes the
+kernel is bound by HBM reads (about 82% of the DRAM peak under Nsight Compute); its arithmetic is hidden (the
+copies alone take as long), and neither more stages, an L2 prefetch nor a denser cache layout helped.
 
 16-bit inputs (bfloat16, float16) go to the tensor cores as stored. float32 inputs are split into
 bfloat16 high and low halves (x = hi + lo) and each product is taken as hi.hi + hi.lo + lo.hi, about 16

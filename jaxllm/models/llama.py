@@ -1,12 +1,12 @@
 """The Llama-family decoder in Flax NNX: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
 
-Decoder layers are created once with every parameter stacked on a leading `layers` axis and run with
-`jax.lax.scan`, so compile time does not grow with depth (unrolled, an 8B model's step took 55 s to compile
-on an H100 and XLA copied the KV cache between layers). With `pipeline_stages > 1` the stack is padded to a
-multiple of the stages with identity layers and run as a pipeline (`jaxllm.pipeline`). Attention reads and
-writes the paged KV cache through `pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of
-prefills and decodes, each device on its own heads under tensor parallelism, with one `plan_attention` per
-step shared by the layers.
+Decoder layers are created once with every parameter stacked on a leading `layers` axis and run in a loop
+(`lax.while_loop`, sliced by its counter), so compile time does not grow with depth (unrolled, an 8B model's
+step took 55 s to compile on an H100 and XLA copied the KV cache between layers). With `pipeline_stages > 1`
+the stack is padded to a multiple of the stages with identity layers and run as a pipeline
+(`jaxllm.pipeline`). Attention reads and writes the paged KV cache through
+`pallas_kernels.ragged_paged_attention`; one call serves a ragged batch of prefills and decodes, each device
+on its own heads under tensor parallelism, with one `plan_attention` per step shared by the layers.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """Token embeddings, a scanned stack of decoder layers, final norm and the LM head (tied or not).
+    """Token embeddings, a looped stack of decoder layers, final norm and the LM head (tied or not).
 
     `pipeline_stages` is the size of the mesh's `pipeline` axis the model will run on: the layer stack then
     holds `padded_layers(num_layers, pipeline_stages)` layers, the ones past `num_layers` all zeros."""
