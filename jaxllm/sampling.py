@@ -84,7 +84,8 @@ class PenaltyState:
     sequence's tokens when it takes the slot (`reset_row`) and then grows by the tokens it samples (`record`).
     Size: max_num_seqs x vocab x 5 bytes, 164 MiB for 256 x 128k (0.2% of an 80 GB GPU, some 1,300 tokens of
     an 8B model's KV cache); it is allocated before the KV cache is sized, so the budget accounts for it.
-    Steps whose rows use no penalty neither read it nor pay more than a scatter of one token per row.
+    Every step reads the rows of its sequences (at 256 x 128k, 164 MB: about 55 us on an H100) and scatters
+    one token per row into them.
     """
 
     output_counts: jax.Array  # [R, V] i32, times each token was sampled (frequency and presence penalties)
@@ -156,10 +157,6 @@ def _needs_filter(inp: SamplingInputs) -> jax.Array:
     return filters_any(inp.top_k, inp.top_p, inp.min_p)
 
 
-def _needs_penalties(inp: SamplingInputs) -> jax.Array:
-    return jnp.any((inp.presence_penalty != 0.0) | (inp.frequency_penalty != 0.0) | (inp.repetition_penalty != 1.0))
-
-
 def ranks_and_top(raw: jax.Array, token_logprobs: jax.Array, num: int):
     """Rank of each row's token (1 + the tokens more likely) and the `num` most likely ids and logprobs."""
     ranks = 1 + jnp.sum(raw > token_logprobs[:, None], axis=-1).astype(jnp.int32)
@@ -192,11 +189,12 @@ def _no_ranks(raw: jax.Array, token_logprobs: jax.Array, num: int):
 
 def sample(logits: jax.Array, inp: SamplingInputs, state: PenaltyState, num_logprobs: int,
            kind: SamplerKind = SamplerKind.RUN_TIME) -> SampleResult:
-    """Draw one token per row from `logits [S, V]` (float32). Penalties and the ban are computed only when
-    some row of the batch needs them; the filter and the ranks as `kind` (static) says."""
+    """Draw one token per row from `logits [S, V]` (float32). Penalties and the ban apply to every row (a row
+    without them keeps its logits exactly: x / 1, x - 0, nothing banned): under a `cond`, the branch that
+    skipped them copied the logits (two `[256, 128256]` float32 copies a step on an H100, 0.17 ms) and made
+    the host wait. The filter and the ranks are computed as `kind` (static) says."""
     raw = jax.nn.log_softmax(logits, axis=-1)
-    logits = jax.lax.cond(_needs_penalties(inp), apply_penalties, lambda x, *_: x, logits, inp, state)
-    logits = jax.lax.cond(jnp.any(inp.steps < inp.min_tokens), ban_tokens, lambda x, _: x, logits, inp)
+    logits = ban_tokens(apply_penalties(logits, inp, state), inp)
     greedy = inp.temperature < GREEDY_EPS
     scaled = logits / jnp.where(greedy, 1.0, inp.temperature)[:, None]
     filters, ranks = _STAGES[kind]

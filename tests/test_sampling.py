@@ -95,8 +95,8 @@ def _num_conds(kind: SamplerKind, inp: SamplingInputs, state) -> int:
 def test_samplers_picked_on_the_host_give_the_run_time_samplers_results_without_its_branches():
     """The samplers multi-step decode picks on the host: full (filter and ranks for every row) equals the
     run-time one on a batch where some rows filter and others keep their whole vocabulary, and so does
-    filter (without ranks); plain equals it where no row filters or wants logprobs. None has the run-time
-    branches (XLA:GPU's host waits on them), only the penalty and ban ones."""
+    filter (without ranks); plain equals it where no row filters or wants logprobs. None has a `cond`
+    (XLA:GPU's host waits on them), where the run-time one has its two."""
     rows = 6 * 32  # six settings, 32 seeds each
     rng = np.random.default_rng(5)
     logits = jnp.asarray(rng.normal(0, 2, (rows, VOCAB)).astype(np.float32))
@@ -111,7 +111,7 @@ def test_samplers_picked_on_the_host_give_the_run_time_samplers_results_without_
         got, want = sample(logits, inp, state, 3, kind), sample(logits, inp, state, 3)
         for name in ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs"):
             np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), name)
-        assert _num_conds(kind, inp, state) == 2 < _num_conds(SamplerKind.RUN_TIME, inp, state)
+        assert _num_conds(kind, inp, state) == 0 < _num_conds(SamplerKind.RUN_TIME, inp, state) == 2
 
 
 def test_top_p_of_one_keeps_tokens_whose_mass_rounds_away():
