@@ -14,7 +14,6 @@ from jaxllm.sampling import (
     SamplerKind,
     SamplingInputs,
     apply_penalties,
-    draw,
     empty_penalty_state,
     filter_logits,
     record,
@@ -86,28 +85,6 @@ def test_sampled_frequencies_match_filtered_softmax(settings):
     support = expected > 0
     f_exp = expected[support] / expected[support].sum() * counts.sum()
     assert chisquare(counts[support], f_exp).pvalue > 1e-3
-
-
-def test_draws_over_many_chunks_match_the_softmax():
-    """`draw` over a vocabulary of several 256-token chunks, one of them all -inf and others partly: the
-    tokens follow the softmax, no token of zero probability is drawn, and a row's draw is its key's alone."""
-    rng = np.random.default_rng(1)
-    vocab, rows = 1000, 20000
-    logits = rng.normal(0, 1.0, vocab).astype(np.float32) + np.where(np.arange(vocab) % 97 == 0, 4.0, 0.0)
-    logits[256:512] = -np.inf  # a whole chunk without mass
-    logits[900:] = -np.inf  # the last chunk's real tokens in part, and its padding
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(7), s))(jnp.arange(rows))
-    tokens = np.asarray(jax.jit(draw)(jnp.tile(logits, (rows, 1)), keys))
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    counts = np.bincount(tokens, minlength=vocab)
-    assert counts[probs == 0].sum() == 0, "drew a token of zero probability"
-    pooled = probs > 2e-3  # chi-square needs expected counts of a few: pool the rare tokens into one bin
-    observed = np.append(counts[pooled], counts[~pooled & (probs > 0)].sum())
-    expected = np.append(probs[pooled], probs[~pooled].sum()) * rows
-    assert chisquare(observed, expected).pvalue > 1e-3
-    alone = np.asarray(draw(jnp.asarray(logits)[None], keys[5:6]))
-    assert alone[0] == tokens[5]
 
 
 def _num_conds(kind: SamplerKind, inp: SamplingInputs, state) -> int:
