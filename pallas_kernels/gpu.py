@@ -37,7 +37,7 @@ from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
 from pallas_kernels.reference import write_kv
 
 ROWS = 64  # query rows per tile: the M of one Hopper wgmma
-_SMALL_TILE = 8  # query rows of one TMA tile
+_TMA_ROWS = 8  # rows of one swizzled shared-memory tile: TMA moves and wgmma reads whole 8-row tiles
 _LOG2E = math.log2(math.e)
 _NUM_SMS = 132  # H100 SXM; only sizes the split heuristic
 _SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper block may use
@@ -83,7 +83,7 @@ class _Shapes:
 def tokens_per_tile(group: int) -> int:
     """Tokens of a query tile: as many as fill 64 rows of `group` heads each while every tile starts 8-row
     aligned (TMA moves whole 8-row tiles into the swizzled shared memory)."""
-    step = 8 // math.gcd(group, 8)
+    step = _TMA_ROWS // math.gcd(group, _TMA_ROWS)
     return ROWS // group // step * step
 
 
@@ -196,7 +196,7 @@ def _num_tiles(num_tokens: int, group: int, max_num_seqs: int) -> int:
 def _num_grouped_rows(num_tokens: int, group: int, max_num_seqs: int) -> int:
     """Rows of the grouped query layout: every sequence padded to 8 rows, plus a tile of slack so that a
     64-row tile starting at any sequence's base stays in bounds."""
-    return -(-(num_tokens * group + 8 * max_num_seqs) // 8) * 8 + ROWS
+    return -(-(num_tokens * group + _TMA_ROWS * max_num_seqs) // _TMA_ROWS) * _TMA_ROWS + ROWS
 
 
 def plan_tiles(md: AttentionMetadata, rows: AttentionPlan, num_tokens: int, group: int) -> TilePlan:
@@ -223,7 +223,7 @@ def _row_bases(md: AttentionMetadata, group: int) -> jax.Array:
     would leave part of each tile empty)."""
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
     real = jnp.arange(md.max_num_seqs) < md.num_seqs[0]
-    sizes = jnp.where(real, -(-q_lens * group // 8) * 8, 0)
+    sizes = jnp.where(real, -(-q_lens * group // _TMA_ROWS) * _TMA_ROWS, 0)
     return jnp.cumsum(sizes) - sizes
 
 
@@ -330,7 +330,7 @@ def _interpret_off_gpu():
 def _transforms(dtype, minor: int) -> tuple:
     """Shared-memory tiles of 8 rows of up to 128 bytes, swizzled, as wgmma reads them."""
     swizzle = min(128, minor * jnp.dtype(dtype).itemsize)
-    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+    return plgpu.TilingTransform((_TMA_ROWS, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,11 +399,11 @@ def _by_rows(rows, shapes: _Shapes, move) -> None:
     """`move(n)` the first n rows of a tile's queries or output: one 8-row TMA tile when the tile holds no more
     rows (a decode token's heads), else all 64. The rows past a tile's own are never read back, so a decode
     tile moves an eighth of the bytes."""
-    if shapes.group > _SMALL_TILE:
+    if shapes.group > _TMA_ROWS:
         move(ROWS)
         return
-    pl.when(rows <= _SMALL_TILE)(lambda: move(_SMALL_TILE))
-    pl.when(rows > _SMALL_TILE)(lambda: move(ROWS))
+    pl.when(rows <= _TMA_ROWS)(lambda: move(_TMA_ROWS))
+    pl.when(rows > _TMA_ROWS)(lambda: move(ROWS))
 
 
 def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, seq, head, start, step):
