@@ -37,10 +37,12 @@ def xla_matmul(x, w, i):
     return jnp.dot(x, lax.dynamic_index_in_dim(w, i, keepdims=False))
 
 
-def variants(k: int, n: int, rows: int):
-    """Tile, stage and split choices worth timing for one shape."""
+def variants(k: int, n: int, rows: int, args):
+    """The tile, stage and split choices of the command line that fit one shape (splits: multiples of the
+    fewest that give every SM two blocks)."""
     seen = set()
-    for tile_n, tile_k, stages, split_scale in itertools.product((64, 128), (64, 128), (4, 8), (1, 2)):
+    for tile_n, tile_k, stages, split_scale in itertools.product(args.tile_n, args.tile_k, args.stages,
+                                                                 args.split_scale):
         base = _plan(rows, k, n, GemmSizes(tile_n, tile_k, stages), jnp.bfloat16)
         splits = base.splits * split_scale
         if (k // base.tile_k) % splits:
@@ -50,6 +52,14 @@ def variants(k: int, n: int, rows: int):
             continue
         seen.add(shapes)
         yield GemmSizes(tile_n, tile_k, stages, splits), shapes
+
+
+def read_ceiling() -> dict:
+    """What XLA's reduction reads of 1 GiB of bfloat16 a second: the bandwidth a weight stream can hope for."""
+    w = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.bfloat16)
+    t = gpu_time(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), w)
+    print(f"read ceiling (XLA sum of 1 GiB bfloat16): {w.nbytes / t / 1e12:.2f} TB/s")
+    return dict(shape="read_1GiB", variant="xla_sum", us=t * 1e6, tbs=w.nbytes / t / 1e12)
 
 
 def check(x, w, sizes: GemmSizes) -> float:
@@ -63,9 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--tile-n", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--tile-k", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--stages", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--split-scale", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json")
     args = parser.parse_args()
-    rows_out = []
+    rows_out = [read_ceiling()]
     for name in args.shapes:
         k, n, layers = SHAPES[name]
         w = jax.random.normal(jax.random.key(1), (layers, k, n), jnp.bfloat16)
@@ -76,7 +90,7 @@ def main() -> None:
             print(f"{name} rows={rows} K={k} N={n}: XLA {xla * 1e6:.1f} us ({per_layer / xla / 1e12:.2f} TB/s)")
             rows_out.append(dict(shape=name, rows=rows, variant="xla", us=xla * 1e6, tbs=per_layer / xla / 1e12))
             best = None
-            for sizes, shapes in variants(k, n, rows):
+            for sizes, shapes in variants(k, n, rows, args):
                 err = check(x, w, sizes)
                 t = gpu_time(layer_loop(lambda a, b, i, s=sizes: skinny_matmul(a, b, i, s)), x, w) / layers
                 label = f"n{shapes.tile_n} k{shapes.tile_k} st{shapes.num_stages} sp{shapes.splits}"
