@@ -12,7 +12,6 @@ on its own heads under tensor parallelism, with one `plan_attention` per step sh
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +23,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models.layers import apply_rope, pad_stacked, param, rms_norm, rope_inv_freq, rope_tables
 from jaxllm.parallel import ShardingRules, padded_layers
 from jaxllm.pipeline import run_pipeline
-from pallas_kernels import skinny_gemm
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
-
-_STREAMED = nnx.PathContains("mlp")  # the weights `skinny_gemm` reads in place, when it does
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -76,24 +72,16 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`, gate and up one parameter (`gate_up_proj [embed,
-    2, mlp]`: one GEMM for both).
-
-    Called with `layer`, its weights are the whole layer stacks and `skinny_gemm` streams layer `layer` of
-    each in place (small steps on one Hopper GPU; see `LlamaForCausalLM._run_stack`)."""
+    2, mlp]`: one GEMM for both)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         dt, e, m = cfg.jnp_dtype, cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = param(rngs, (e, 2, m), ("embed", None, "mlp"), dt, stack)
         self.down_proj = param(rngs, (m, e), ("mlp", "embed"), dt, stack)
 
-    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
-        if layer is None:
-            gate_up = jnp.einsum("...e,egm->...gm", x, self.gate_up_proj[...])
-            return (jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]) @ self.down_proj[...]
-        stack = self.gate_up_proj[...]
-        gate_up = skinny_gemm.skinny_matmul(x, stack.reshape(stack.shape[0], stack.shape[1], -1), layer)
-        gate_up = gate_up.reshape(x.shape[0], 2, -1)
-        return skinny_gemm.skinny_matmul(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], self.down_proj[...], layer)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate_up = jnp.einsum("...e,egm->...gm", x, self.gate_up_proj[...])
+        return (jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]) @ self.down_proj[...]
 
 
 class DecoderLayer(nnx.Module):
@@ -108,12 +96,11 @@ class DecoderLayer(nnx.Module):
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
-                 layer: jax.Array, backend: str, block_sizes: tuple | None = None,
-                 streamed_mlp: bool = False) -> tuple[jax.Array, jax.Array]:
+                 layer: jax.Array, backend: str, block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
         h, kv_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), rope, kv_cache, md, plan, layer,
                                 backend, block_sizes)
         x = x + h
-        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps), layer if streamed_mlp else None)
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
         return x, kv_cache
 
 
@@ -165,15 +152,11 @@ class LlamaForCausalLM(nnx.Module):
         plan = pallas_kernels.plan_attention(md, x.shape[0], page_size=kv_cache.shape[2],
                                              group=cfg.num_heads // cfg.num_kv_heads, backend=self.attention_backend)
 
-        streamed_mlp = self._streams_mlp(stacked, x)
-        whole, sliced = nnx.split_state(stacked, _STREAMED if streamed_mlp else nnx.Nothing, ...)
-
         def one_layer(carry):
             index, x, kv_cache = carry
-            layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), sliced)
-            layer = nnx.merge(graphdef, whole, layer_state)
-            x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes,
-                                streamed_mlp)
+            layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), stacked)
+            layer = nnx.merge(graphdef, layer_state)
+            x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes)
             return index + 1, x, kv_cache
 
         # A while loop whose first element is its counter, as `scan` lowers to, with the weights sliced by that
@@ -184,19 +167,6 @@ class LlamaForCausalLM(nnx.Module):
         depth = jax.tree.leaves(stacked)[0].shape[0]
         _, x, kv_cache = lax.while_loop(lambda carry: carry[0] < depth, one_layer, (jnp.int32(0), x, kv_cache))
         return x, kv_cache
-
-    def _streams_mlp(self, stacked: nnx.State, x: jax.Array) -> bool:
-        """Whether `skinny_gemm` reads the MLP weights in place: with the Mosaic GPU kernels (`pallas_gpu`), for
-        steps of at most `skinny_gemm.MAX_ROWS` tokens, on one device (under tensor or pipeline parallelism
-        XLA partitions the GEMMs), and where the kernel takes the shapes. On an H100 it streams the two MLP
-        weights 5-15% faster than cuBLAS at 16 rows (`benchmarks/skinny_gemm.py`)."""
-        mlp = stacked["mlp"]
-        gate_up, down = mlp["gate_up_proj"][...], mlp["down_proj"][...]
-        mesh = jax.typeof(gate_up).sharding.mesh
-        flat = (x.shape[0], gate_up.shape[1]), (gate_up.shape[0], gate_up.shape[1], math.prod(gate_up.shape[2:]))
-        hidden = (x.shape[0], down.shape[1])
-        return (self.attention_backend == "pallas_gpu" and (mesh.empty or mesh.size == 1)
-                and skinny_gemm.supported(*flat, x.dtype) and skinny_gemm.supported(hidden, down.shape, x.dtype))
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[N, vocab]` for the given hidden rows."""
