@@ -1,109 +1,72 @@
-"""Prototype timings for a sort-free top-k / top-p filter: the sorting filter against bisection searches over
-float32 keys, and the two-round top-k. `[rows, 128256]` float32 logits, ms per call (GPU time).
+"""The top-k / top-p / min-p filter without sorting (`sampling.filter_logits`: searches over the rows'
+values, `_SEARCH_WAYS` parts a pass) against the filter that sorted every row (kept here as the baseline),
+on `[rows, 128256]` float32 logits: GPU ms per call, and how many tokens the two keep differently (float32
+sums in another order can move a token that sits on the top-p boundary).
 
-    python benchmarks/filter_search.py [--rows 64 256]
+    python benchmarks/filter_search.py [--rows 64 256] [--ways 2 4 8] [--output-json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-from attention import gpu_time
-from jax import lax
+from attention import gpu_time, save_rows
 from sampler_costs import sampling_inputs
 
-from jaxllm.sampling import filter_logits, top_k_by_chunks
+from jaxllm import sampling
 
 
-def keys(x):
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
-    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+def sorting_filter(scaled: jax.Array, inp: sampling.SamplingInputs) -> jax.Array:
+    """The filter as it was until session 9: a sort of every row, a softmax and a cumulative sum."""
+    probs = jax.nn.softmax(scaled, axis=-1)
+    scaled = jnp.where(probs < inp.min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, scaled)
+    ordered = -jnp.sort(-scaled, axis=-1)
+    vocab = scaled.shape[-1]
+    kth = jnp.take_along_axis(ordered, jnp.clip(inp.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+    kth = jnp.where(inp.top_k[:, None] > 0, kth, -jnp.inf)
+    ordered = jnp.where(ordered < kth, -jnp.inf, ordered)
+    sorted_probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = (before < inp.top_p[:, None]) | (inp.top_p[:, None] >= 1.0)
+    threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((scaled < threshold) | (scaled < kth), -jnp.inf, scaled)
 
 
-def bisect(measure, target, hi):
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        above = measure(mid) >= target
-        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-    return lax.fori_loop(0, 32, step, (jnp.zeros_like(hi), hi))[1]
-
-
-def search(measure, target, hi, ways: int, broadcast: bool):
-    """The smallest key t with measure(t) < target, probing ways - 1 keys per pass over the data."""
-    passes = -(-32 // (ways.bit_length() - 1))
-
-    def step(_, bounds):
-        lo, hi = bounds
-        span = hi - lo
-        j = jnp.arange(1, ways, dtype=jnp.uint32)
-        probes = lo[:, None] + (span // ways)[:, None] * j + jnp.minimum(j, (span % ways)[:, None])
-        above = measure(probes, broadcast) >= target[:, None]  # [rows, ways - 1], true then false
-        n = jnp.sum(above, axis=1)
-        padded = jnp.concatenate([lo[:, None], probes, hi[:, None]], axis=1)
-        return (jnp.take_along_axis(padded, n[:, None], 1)[:, 0],
-                jnp.take_along_axis(padded, n[:, None] + 1, 1)[:, 0])
-
-    return lax.fori_loop(0, passes, step, (jnp.zeros_like(hi), hi))[1]
-
-
-def top_p_search_ways(x, top_p, ways: int, broadcast: bool):
-    m = x.max(axis=-1, keepdims=True)
-    inv = 1.0 / jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
-
-    def mass(ts, broadcast):
-        k, p = keys(x), jnp.exp(x - m) * inv
-        if broadcast:
-            return jnp.sum(jnp.where(k[:, None, :] > ts[:, :, None], p[:, None, :], 0.0), axis=-1)
-        return jnp.stack([jnp.sum(jnp.where(k > ts[:, j:j + 1], p, 0.0), axis=-1) for j in range(ts.shape[1])], 1)
-
-    hi = search(mass, top_p, keys(m[:, 0]), ways, broadcast)
-    return jnp.where(keys(x) < hi[:, None], -jnp.inf, x)
-
-
-def top_p_search(x, top_p):
-    m = x.max(axis=-1, keepdims=True)
-    inv = 1.0 / jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
-
-    def mass(t):
-        return jnp.sum(jnp.where(keys(x) > t[:, None], jnp.exp(x - m) * inv, 0.0), axis=-1)
-
-    hi = bisect(mass, top_p, keys(m[:, 0]))
-    return jnp.where(keys(x) < hi[:, None], -jnp.inf, x)
-
-
-def count_search(x, k):
-    def count(t):
-        return jnp.sum(keys(x) > t[:, None], axis=-1, dtype=jnp.int32)
-    hi = bisect(count, k, keys(x.max(axis=-1)))
-    return jnp.where(keys(x) < hi[:, None], -jnp.inf, x)
+def searching_filter(ways: int):
+    """`sampling.filter_logits` traced with `ways` parts a pass."""
+    def run(scaled, inp):
+        saved, sampling._SEARCH_WAYS = sampling._SEARCH_WAYS, ways
+        try:
+            return sampling.filter_logits(scaled, inp)
+        finally:
+            sampling._SEARCH_WAYS = saved
+    return jax.jit(run)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--ways", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--output-json")
     args = parser.parse_args()
+    out = []
     for rows in args.rows:
-        x = jax.random.normal(jax.random.key(0), (rows, 128256), jnp.float32) * 3.0
-        inp = sampling_inputs(rows, 0.9, False)
-        cases = {
-            "sort filter (top-p 0.9)": (jax.jit(filter_logits), (x, inp)),
-            "top-p search": (jax.jit(top_p_search), (x, inp.top_p)),
-            "count search (k=50)": (jax.jit(count_search), (x, jnp.full((rows,), 50, jnp.int32))),
-            "top_k_by_chunks 64": (jax.jit(lambda a: top_k_by_chunks(a, 64)), (x,)),
-            **{f"top-p search {w}-way {'broadcast' if b else 'sums'}": (
-                jax.jit(lambda a, t, w=w, b=b: top_p_search_ways(a, t, w, b)), (x, inp.top_p))
-               for w in (4, 8, 16) for b in (False, True)},
-            "top_k_by_chunks 128": (jax.jit(lambda a: top_k_by_chunks(a, 128)), (x,)),
-        }
-        ref = jnp.isfinite(filter_logits(x, inp))
-        got = jnp.isfinite(top_p_search(x, inp.top_p))
-        print(f"rows {rows}: top-p search keeps the sort's tokens but {int((ref != got).sum())} "
-              f"(kept {int(ref.sum())} of {ref.size}); 8-way: {int((ref != jnp.isfinite(top_p_search_ways(x, inp.top_p, 8, False))).sum())}")
-        for name, (fn, fargs) in cases.items():
-            print(f"  {name}: {gpu_time(fn, *fargs) * 1e3:.3f} ms")
+        logits = jax.random.normal(jax.random.key(0), (rows, 128256), jnp.float32) * 3.0
+        for name, top_k, top_p in (("top-p 0.9", 0, 0.9), ("top-k 20, top-p 0.8", 20, 0.8)):
+            inp = dataclasses.replace(sampling_inputs(rows, top_p, False), top_k=jnp.full((rows,), top_k, jnp.int32))
+            sort_ms = gpu_time(jax.jit(sorting_filter), logits, inp) * 1e3
+            sorted_kept = jnp.isfinite(sorting_filter(logits, inp))
+            out.append(dict(rows=rows, case=name, filter="sort", ms=sort_ms, kept=int(sorted_kept.sum())))
+            print(f"rows {rows}, {name}: sort {sort_ms:.3f} ms, keeps {int(sorted_kept.sum())} tokens")
+            for ways in args.ways:
+                ms = gpu_time(searching_filter(ways), logits, inp) * 1e3
+                differ = int((jnp.isfinite(searching_filter(ways)(logits, inp)) != sorted_kept).sum())
+                out.append(dict(rows=rows, case=name, filter=f"search {ways} ways", ms=ms, differ=differ))
+                print(f"  search, {ways} ways: {ms:.3f} ms ({sort_ms / ms:.2f}x), tokens kept differently {differ}")
+    save_rows(args.output_json, out)
 
 
 if __name__ == "__main__":

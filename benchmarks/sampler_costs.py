@@ -21,12 +21,12 @@ from jaxllm.sampling import SamplerKind, SamplingInputs, empty_penalty_state, sa
 NUM_LOGPROBS = 20  # the engine's default max_logprobs
 
 
-def sampling_inputs(rows: int, top_p: float, logprobs: bool) -> SamplingInputs:
-    """Seeded temperature-1 rows, no penalties, no bans, all at `top_p`."""
+def sampling_inputs(rows: int, top_p: float, logprobs: bool, top_k: int = 0) -> SamplingInputs:
+    """Seeded temperature-1 rows, no penalties, no bans, all at `top_p` and `top_k`."""
     def full(value, dtype):
         return jnp.full((rows,), value, dtype)
     return SamplingInputs(
-        temperature=full(1.0, jnp.float32), top_p=full(top_p, jnp.float32), top_k=full(0, jnp.int32),
+        temperature=full(1.0, jnp.float32), top_p=full(top_p, jnp.float32), top_k=full(top_k, jnp.int32),
         min_p=full(0.0, jnp.float32), presence_penalty=full(0.0, jnp.float32),
         frequency_penalty=full(0.0, jnp.float32), repetition_penalty=full(1.0, jnp.float32),
         seeds=jnp.arange(rows, dtype=jnp.uint32), steps=full(0, jnp.int32), slots=jnp.arange(rows, dtype=jnp.int32),
@@ -34,10 +34,11 @@ def sampling_inputs(rows: int, top_p: float, logprobs: bool) -> SamplingInputs:
         want_logprobs=jnp.asarray(logprobs))
 
 
-def time_case(rows: int, vocab: int, kind: SamplerKind, top_p: float, logprobs: bool, calls: int) -> float:
+def time_case(rows: int, vocab: int, kind: SamplerKind, top_p: float, logprobs: bool, calls: int,
+              top_k: int = 0) -> float:
     """ms per call of the jitted sampler, `calls` calls queued back to back after a warm-up call."""
     logits = jax.random.normal(jax.random.key(0), (rows, vocab), jnp.float32) * 3.0
-    inp, state = sampling_inputs(rows, top_p, logprobs), empty_penalty_state(rows, vocab)
+    inp, state = sampling_inputs(rows, top_p, logprobs, top_k), empty_penalty_state(rows, vocab)
     step = jax.jit(lambda x, i, s: sample(x, i, s, NUM_LOGPROBS, kind))  # all of it: ranks unused are dropped
     jax.block_until_ready(step(logits, inp, state))
     start = time.perf_counter()
@@ -57,12 +58,13 @@ def main() -> None:
              (SamplerKind.FILTER, 0.9, False, "filtered"), (SamplerKind.RUN_TIME, 0.9, False, "filtered"),
              (SamplerKind.FULL, 0.9, True, "filtered, logprobs"), (SamplerKind.RUN_TIME, 0.9, True,
                                                                     "filtered, logprobs")]
+    top_k_case = (SamplerKind.FILTER, 0.8, False, "top-k 20, top-p 0.8")  # Qwen2.5-Instruct's defaults
     results = []
     print(f"| rows | sampler | batch | ms per call ({jax.devices()[0].device_kind}, vocab {args.vocab}) |")
     print("| --- | --- | --- | --- |")
     for rows in args.rows:
-        for kind, top_p, logprobs, batch in cases:
-            ms = time_case(rows, args.vocab, kind, top_p, logprobs, args.calls)
+        for kind, top_p, logprobs, batch in cases + [top_k_case]:
+            ms = time_case(rows, args.vocab, kind, top_p, logprobs, args.calls, 20 if batch == top_k_case[3] else 0)
             results.append(dict(rows=rows, sampler=kind.value, batch=batch, ms=ms))
             print(f"| {rows} | {kind.value} | {batch} | {ms:.3f} |")
     write_json(args.output_json, dict(vocab=args.vocab, calls=args.calls, results=results))

@@ -123,6 +123,39 @@ def test_top_p_of_one_keeps_tokens_whose_mass_rounds_away():
     assert kept[0].all() and kept[1].sum() == 1
 
 
+def kept_by_sorting(row: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """The filters' kept tokens by value, in float64 from a sorted row: min-p; top-k keeping every token tied
+    with the k-th; top-p keeping each value whose strictly larger survivors hold less than `top_p`."""
+    x = row.astype(np.float64)
+    probs = np.exp(x - x.max())
+    x = np.where(probs < min_p * probs.max(), -np.inf, x)
+    keep = np.ones(len(x), bool)
+    if top_k:
+        keep &= x >= np.sort(x)[::-1][min(top_k, len(x)) - 1]
+    weights = np.where(keep, np.exp(x - x.max()), 0.0)
+    weights /= weights.sum()
+    above = np.array([weights[x > v].sum() for v in x])
+    return keep & (above < top_p) if top_p < 1 else keep
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.9, 0.0), (0, 0.3, 0.0), (7, 1.0, 0.0), (7, 0.5, 0.0),
+                                                (300, 0.95, 0.0), (0, 0.8, 0.05), (5000, 0.7, 0.0)])
+def test_filter_keeps_the_tokens_a_sort_keeps(top_k, top_p, min_p):
+    """The sort-free filter (searches over the rows' values) against a float64 statement from sorted rows, on
+    2,000-token rows with many ties, banned (-inf) tokens, and a top-k above the row's finite tokens."""
+    rng = np.random.default_rng(top_k + int(100 * top_p))
+    rows = np.round(rng.normal(0, 2, (6, 2000)) * 4) / 4  # values on a grid of 0.25: ties everywhere
+    rows[1, ::3] = -np.inf
+    rows[2, 10:] = -np.inf  # 10 finite tokens
+    rows[3, :40] = rows[3].max() + 1  # 40 tokens tied at the top
+    rows = rows.astype(np.float32)
+    got = np.isfinite(np.asarray(filter_logits(jnp.asarray(rows), inputs(6, top_k=top_k, top_p=top_p,
+                                                                        min_p=min_p))))
+    for row, kept in zip(rows, got):
+        want = kept_by_sorting(row, top_k, top_p, min_p) & np.isfinite(row)
+        np.testing.assert_array_equal(kept, want)
+
+
 def test_repetition_penalty_matches_transformers():
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 2, (2, VOCAB)).astype(np.float32)
