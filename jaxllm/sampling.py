@@ -135,7 +135,7 @@ def filter_logits(scaled: jax.Array, inp: SamplingInputs) -> jax.Array:
     """Temperature-scaled logits with tokens outside min-p, top-k and top-p set to -inf.
 
     Without sorting: top-k's k-th largest value and top-p's smallest kept value are found by searching the
-    row's values (`_search_keys`), about 16 passes over a row each. vLLM's order and ties: min-p, then top-k
+    row's values (`_search_keys`), 11 passes over a row each. vLLM's order and ties: min-p, then top-k
     (every token tied with the k-th is kept), then top-p over the survivors' renormalised probabilities,
     keeping each value whose strictly more likely tokens hold less than `top_p` (so ties are kept together).
     Sorting every row cost 3.0 ms at 256 rows of 128k tokens on an H100 (`benchmarks/filter_search.py`)."""
@@ -160,7 +160,7 @@ def filter_logits(scaled: jax.Array, inp: SamplingInputs) -> jax.Array:
     return jnp.where(keys < jnp.maximum(kth, cut)[:, None], _NEG_INF, scaled)
 
 
-_SEARCH_WAYS = 4  # parts a pass splits the keys left into: 3 probes a pass, 16 passes for 32-bit keys
+_SEARCH_WAYS = 8  # parts a pass splits the keys left into: 7 probes a pass, 11 passes for 32-bit keys
 
 
 def _ordered_keys(x: jax.Array) -> jax.Array:
@@ -172,13 +172,12 @@ def _ordered_keys(x: jax.Array) -> jax.Array:
 def _search_keys(measure, target: jax.Array, top: jax.Array) -> jax.Array:
     """Per row, the smallest key t with `measure(t) < target`, where `measure` (of a row's tokens with keys
     above t) does not grow with t, `measure(0) >= target` and `measure(top) < target`. Each pass probes
-    `_SEARCH_WAYS - 1` keys splitting what is left evenly; XLA computes their sums in one read of the rows
-    (at 256 rows of 128k, 4 ways took 1.09 ms for top-p, bisection 1.78, a sort 3.0: `filter_search.py`)."""
+    `_SEARCH_WAYS - 1` keys splitting what is left evenly; XLA computes their sums in one read of the rows.
+    The passes are unrolled: as a `fori_loop` they made the host wait for the device at every step."""
     ways = _SEARCH_WAYS
     probes_at = jnp.arange(1, ways, dtype=jnp.uint32)
 
-    def narrow(_, bounds):
-        lo, hi = bounds
+    def narrow(lo, hi):
         span = (hi - lo)[:, None]
         probes = lo[:, None] + span // ways * probes_at + jnp.minimum(probes_at, span % ways)
         measured = jnp.stack([measure(probes[:, j]) for j in range(ways - 1)], axis=1)
@@ -187,8 +186,10 @@ def _search_keys(measure, target: jax.Array, top: jax.Array) -> jax.Array:
         return (jnp.take_along_axis(edges, passed, axis=1)[:, 0],
                 jnp.take_along_axis(edges, passed + 1, axis=1)[:, 0])
 
-    passes = -(-32 // (ways.bit_length() - 1))
-    return jax.lax.fori_loop(0, passes, narrow, (jnp.zeros_like(top), top))[1]
+    lo, hi = jnp.zeros_like(top), top
+    for _ in range(-(-32 // (ways.bit_length() - 1))):
+        lo, hi = narrow(lo, hi)
+    return hi
 
 
 def filters_any(top_k, top_p, min_p):
