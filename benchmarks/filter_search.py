@@ -35,12 +35,13 @@ def sorting_filter(scaled: jax.Array, inp: sampling.SamplingInputs) -> jax.Array
     return jnp.where((scaled < threshold) | (scaled < kth), -jnp.inf, scaled)
 
 
-def searching_filter(ways: int):
-    """`sampling.filter_logits` traced with `ways` parts a pass."""
+def searching_filter(ways: int, top_k: bool):
+    """`sampling.filter_logits` traced with `ways` parts a pass (with top-k's search or without, as the
+    engine's `SamplerKind.FILTER` and `TOP_P`)."""
     def run(scaled, inp):
         saved, sampling._SEARCH_WAYS = sampling._SEARCH_WAYS, ways
         try:
-            return sampling.filter_logits(scaled, inp)
+            return sampling.filter_logits(scaled, inp, top_k=top_k)
         finally:
             sampling._SEARCH_WAYS = saved
     return jax.jit(run)
@@ -62,8 +63,9 @@ def main() -> None:
             out.append(dict(rows=rows, case=name, filter="sort", ms=sort_ms, kept=int(sorted_kept.sum())))
             print(f"rows {rows}, {name}: sort {sort_ms:.3f} ms, keeps {int(sorted_kept.sum())} tokens")
             for ways in args.ways:
-                ms = gpu_time(searching_filter(ways), logits, inp) * 1e3
-                differ = int((jnp.isfinite(searching_filter(ways)(logits, inp)) != sorted_kept).sum())
+                search = searching_filter(ways, top_k > 0)
+                ms = gpu_time(search, logits, inp) * 1e3
+                differ = int((jnp.isfinite(search(logits, inp)) != sorted_kept).sum())
                 out.append(dict(rows=rows, case=name, filter=f"search {ways} ways", ms=ms, differ=differ))
                 print(f"  search, {ways} ways: {ms:.3f} ms ({sort_ms / ms:.2f}x), tokens kept differently {differ}")
     save_rows(args.output_json, out)

@@ -1,8 +1,8 @@
 """What each compiled sampler costs on the device: `sampling.sample` alone, on `[rows, vocab]` float32 logits
 (Llama-3's 128,256 tokens by default), for each `SamplerKind` on the batches it serves: no row filtering,
-every row at top-p 0.9 ("filtered"), and every row at top-p 0.9 wanting logprobs. Each case runs `--calls`
-times back to back and reports ms per call, so that a run-time `cond` that makes the host wait for the
-device shows up as well as the kernels' own time.
+every row at top-p 0.9 ("filtered"), every row at top-p 0.9 wanting logprobs, and every row at top-k 20 and
+top-p 0.8 (Qwen2.5-Instruct's defaults). Each case runs `--calls` times back to back and reports ms per call,
+so that a run-time `cond` that makes the host wait for the device shows up as well as the kernels' own time.
 
     python benchmarks/sampler_costs.py [--rows 8 64 256] [--vocab 128256] [--calls 50] [--output-json PATH]
 """
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--output-json")
     args = parser.parse_args()
     cases = [(SamplerKind.PLAIN, 1.0, False, "unfiltered"), (SamplerKind.RUN_TIME, 1.0, False, "unfiltered"),
-             (SamplerKind.FILTER, 0.9, False, "filtered"), (SamplerKind.RUN_TIME, 0.9, False, "filtered"),
+             (SamplerKind.TOP_P, 0.9, False, "filtered"), (SamplerKind.RUN_TIME, 0.9, False, "filtered"),
              (SamplerKind.FULL, 0.9, True, "filtered, logprobs"), (SamplerKind.RUN_TIME, 0.9, True,
                                                                     "filtered, logprobs")]
     top_k_case = (SamplerKind.FILTER, 0.8, False, "top-k 20, top-p 0.8")  # Qwen2.5-Instruct's defaults

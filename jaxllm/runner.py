@@ -281,7 +281,7 @@ class ModelRunner:
         variants = [StepKey(b, 1) for b in self.config.token_buckets()]
         if self.num_scheduler_steps > 1:
             variants += [StepKey(b, self.num_scheduler_steps, sampler=kind) for b in self._decode_buckets()
-                         for kind in (SamplerKind.FULL, SamplerKind.FILTER, SamplerKind.PLAIN)]
+                         for kind in (SamplerKind.FULL, SamplerKind.FILTER, SamplerKind.TOP_P, SamplerKind.PLAIN)]
         for key in tqdm(variants, desc="compiling step buckets", unit="bucket"):
             self._executables[key] = self._compile(key, num_pages)
         return len(variants)
@@ -378,7 +378,9 @@ class ModelRunner:
             return SamplerKind.RUN_TIME
         if want_logprobs:
             return SamplerKind.FULL
-        return SamplerKind.FILTER if staging.filters() else SamplerKind.PLAIN
+        if staging.uses_top_k():
+            return SamplerKind.FILTER
+        return SamplerKind.TOP_P if staging.filters() else SamplerKind.PLAIN
 
     def fetch(self, step: "InFlightStep") -> StepOutput:
         """Wait for a dispatched step; its results as numpy arrays, only those its requests need."""
@@ -559,6 +561,10 @@ class _Staging:
         """Whether a row of the filled step keeps only part of the vocabulary (padding rows never do)."""
         top_p, min_p = (self.floats[FLOAT_FIELDS.index(name)] for name in ("top_p", "min_p"))
         return bool(filters_any(self.views["top_k"], top_p, min_p))
+
+    def uses_top_k(self) -> bool:
+        """Whether a row of the filled step keeps only its top k tokens."""
+        return bool((self.views["top_k"] > 0).any())
 
     def _rows(self, name: str, values: np.ndarray, padding: int) -> None:
         view = self.views[name]

@@ -21,22 +21,33 @@ _NEG_INF = -jnp.inf
 
 
 class SamplerKind(str, enum.Enum):
-    """How a compiled sampler handles the two costly optional stages, the top-k/top-p/min-p filter (about 32
-    passes over every row's vocabulary: some 2 ms at 256 rows of 128k tokens on an H100) and the ranks and top
-    logprobs (a top k of every row). XLA:GPU decides a `cond` on the host, waiting for the device to get
-    there, so a program with these `cond`s keeps the host from queuing the next step ahead (10-14 ms of each
-    8-step call at 256 sequences): multi-step decode programs, which the runner picks per batch, decide on
-    the host instead."""
+    """How a compiled sampler handles the costly optional stages: the top-k/top-p/min-p filter (searches over
+    every row's vocabulary: top-k's about 1 ms at 256 rows of 128k tokens on an H100, top-p's as much) and
+    the ranks and top logprobs (a top k of every row). XLA:GPU decides a `cond` on the host, waiting for the
+    device to get there, so a program with these `cond`s keeps the host from queuing the next step ahead
+    (10-14 ms of each 8-step call at 256 sequences): multi-step decode programs, which the runner picks per
+    batch, decide on the host instead."""
 
     RUN_TIME = "run_time"  # each stage under a `cond` on whether some row needs it (one program for all batches)
-    PLAIN = "plain"  # neither stage: no row of the batch filters or wants logprobs
-    FILTER = "filter"  # the filter for every row (rows that do not filter keep their whole vocabulary), no ranks
-    FULL = "full"  # both stages for every row, no `cond`
+    PLAIN = "plain"  # no stage: no row of the batch filters or wants logprobs
+    TOP_P = "top_p"  # min-p and top-p for every row (rows that do not filter keep their whole vocabulary)
+    FILTER = "filter"  # min-p, top-k and top-p for every row, no ranks
+    FULL = "full"  # the whole filter and the ranks for every row, no `cond`
 
 
-# Per kind, whether the filter and the ranks are computed (None: a run-time `cond` decides).
-_STAGES = {SamplerKind.RUN_TIME: (None, None), SamplerKind.PLAIN: (False, False),
-           SamplerKind.FILTER: (True, False), SamplerKind.FULL: (True, True)}
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+    """What a `SamplerKind` computes: the filter and the ranks (None: a run-time `cond` decides), and whether
+    the filter searches for top-k's threshold."""
+
+    filter: bool | None
+    top_k: bool
+    ranks: bool | None
+
+
+_STAGES = {SamplerKind.RUN_TIME: _Stages(None, True, None), SamplerKind.PLAIN: _Stages(False, False, False),
+           SamplerKind.TOP_P: _Stages(True, False, False), SamplerKind.FILTER: _Stages(True, True, False),
+           SamplerKind.FULL: _Stages(True, True, True)}
 
 
 def _stage(static: bool | None, needed: jax.Array, apply, skip, *args):
@@ -131,8 +142,9 @@ def ban_tokens(logits: jax.Array, inp: SamplingInputs) -> jax.Array:
     return jnp.where(is_banned, _NEG_INF, logits)
 
 
-def filter_logits(scaled: jax.Array, inp: SamplingInputs) -> jax.Array:
-    """Temperature-scaled logits with tokens outside min-p, top-k and top-p set to -inf.
+def filter_logits(scaled: jax.Array, inp: SamplingInputs, top_k: bool = True) -> jax.Array:
+    """Temperature-scaled logits with tokens outside min-p, top-k and top-p set to -inf (top-k only where
+    `top_k`: the caller knows that no row uses it).
 
     Without sorting: top-k's k-th largest value and top-p's smallest kept value are found by searching the
     row's values (`_search_keys`), 11 passes over a row each. vLLM's order and ties: min-p, then top-k
@@ -148,8 +160,11 @@ def filter_logits(scaled: jax.Array, inp: SamplingInputs) -> jax.Array:
     def count_above(t):
         return jnp.sum(keys > t[:, None], axis=-1, dtype=jnp.int32)
 
-    kth = _search_keys(count_above, jnp.clip(inp.top_k, 1, vocab), top)
-    kth = jnp.where(inp.top_k > 0, kth, 0)
+    if top_k:
+        kth = _search_keys(count_above, jnp.clip(inp.top_k, 1, vocab), top)
+        kth = jnp.where(inp.top_k > 0, kth, 0)
+    else:
+        kth = jnp.zeros_like(top)
     weights = jnp.where(keys >= kth[:, None], jnp.exp(scaled - scaled.max(axis=-1, keepdims=True)), 0.0)
 
     def mass_above(t):
@@ -242,13 +257,14 @@ def sample(logits: jax.Array, inp: SamplingInputs, state: PenaltyState, num_logp
     logits = ban_tokens(apply_penalties(logits, inp, state), inp)
     greedy = inp.temperature < GREEDY_EPS
     scaled = logits / jnp.where(greedy, 1.0, inp.temperature)[:, None]
-    filters, ranks = _STAGES[kind]
-    scaled = _stage(filters, _needs_filter(inp), filter_logits, lambda s, _: s, scaled, inp)
+    stages = _STAGES[kind]
+    scaled = _stage(stages.filter, _needs_filter(inp), functools.partial(filter_logits, top_k=stages.top_k),
+                    lambda s, _: s, scaled, inp)
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(inp.seeds, inp.steps)
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[-1:], jnp.float32))(keys)
     drawn = jnp.argmax(scaled + gumbel, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
-    ranked = _stage(ranks, inp.want_logprobs, functools.partial(ranks_and_top, num=num_logprobs),
+    ranked = _stage(stages.ranks, inp.want_logprobs, functools.partial(ranks_and_top, num=num_logprobs),
                     functools.partial(_no_ranks, num=num_logprobs), raw, token_logprobs)
     return SampleResult(tokens, token_logprobs, *ranked)

@@ -115,10 +115,10 @@ PLAIN = [SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
 def test_only_decode_batches_that_neither_filter_nor_want_logprobs_run_the_plain_program(single, multi, monkeypatch,
                                                                                          extra):
     """A multi-step decode batch in which no request uses top-k, top-p, min-p or logprobs runs the program
-    compiled without them; one request that filters puts its whole batch on the filter program, one that
-    wants logprobs on the full one (it outlasts the others here): both filter every row without run-time
-    `cond`s, the full one ranks them too. Either way the tokens are those of single steps, which decide at
-    run time."""
+    compiled without them; one request that filters puts its whole batch on a filter program (the one without
+    top-k's search unless it uses top-k), one that wants logprobs on the full one (it outlasts the others
+    here): they filter every row without run-time `cond`s, the full one ranks them too. Either way the tokens
+    are those of single steps, which decide at run time."""
     runner, kinds = multi.llm_engine.runner, []
     original = runner._run
     monkeypatch.setattr(runner, "_run", lambda m: (kinds.append(m.sampler) if m.num_steps > 1 else None,
@@ -128,7 +128,7 @@ def test_only_decode_batches_that_neither_filter_nor_want_logprobs_run_the_plain
     expected, _ = run(single, params)
     assert tokens(out) == tokens(expected)
     expected_kind = (SamplerKind.PLAIN if extra is None else SamplerKind.FULL if extra.logprobs
-                     else SamplerKind.FILTER)
+                     else SamplerKind.FILTER if extra.top_k else SamplerKind.TOP_P)
     assert kinds and set(kinds) == {expected_kind}
     if extra is not None and extra.logprobs:
         assert [len(p) for p in out[-1].outputs[0].logprobs] == [2] * 16  # the top 2 (greedy: the token among them)

@@ -95,8 +95,9 @@ def _num_conds(kind: SamplerKind, inp: SamplingInputs, state) -> int:
 def test_samplers_picked_on_the_host_give_the_run_time_samplers_results_without_its_branches():
     """The samplers multi-step decode picks on the host: full (filter and ranks for every row) equals the
     run-time one on a batch where some rows filter and others keep their whole vocabulary, and so does
-    filter (without ranks); plain equals it where no row filters or wants logprobs. None has a `cond`
-    (XLA:GPU's host waits on them), where the run-time one has its two."""
+    filter (without ranks), and top-p (min-p and top-p only) where no row uses top-k; plain equals it where
+    no row filters or wants logprobs. None has a `cond` (XLA:GPU's host waits on them), where the run-time
+    one has its two."""
     rows = 6 * 32  # six settings, 32 seeds each
     rng = np.random.default_rng(5)
     logits = jnp.asarray(rng.normal(0, 2, (rows, VOCAB)).astype(np.float32))
@@ -107,7 +108,9 @@ def test_samplers_picked_on_the_host_give_the_run_time_samplers_results_without_
                    min_p=np.repeat([0.0, 0.0, 0.0, 0.1, 0.0, 0.0], 32), **common)
     unfiltered = inputs(rows, want_logprobs=False, **common)
     unranked = dataclasses.replace(mixed, want_logprobs=jnp.asarray(False))
-    for kind, inp in ((SamplerKind.FULL, mixed), (SamplerKind.FILTER, unranked), (SamplerKind.PLAIN, unfiltered)):
+    no_top_k = dataclasses.replace(unranked, top_k=jnp.zeros(rows, jnp.int32))
+    for kind, inp in ((SamplerKind.FULL, mixed), (SamplerKind.FILTER, unranked), (SamplerKind.TOP_P, no_top_k),
+                      (SamplerKind.PLAIN, unfiltered)):
         got, want = sample(logits, inp, state, 3, kind), sample(logits, inp, state, 3)
         for name in ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs"):
             np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), name)
