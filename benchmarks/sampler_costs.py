@@ -54,17 +54,17 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--output-json")
     args = parser.parse_args()
-    cases = [(SamplerKind.PLAIN, 1.0, False, "unfiltered"), (SamplerKind.RUN_TIME, 1.0, False, "unfiltered"),
-             (SamplerKind.TOP_P, 0.9, False, "filtered"), (SamplerKind.RUN_TIME, 0.9, False, "filtered"),
-             (SamplerKind.FULL, 0.9, True, "filtered, logprobs"), (SamplerKind.RUN_TIME, 0.9, True,
-                                                                    "filtered, logprobs")]
-    top_k_case = (SamplerKind.FILTER, 0.8, False, "top-k 20, top-p 0.8")  # Qwen2.5-Instruct's defaults
+    cases = [(SamplerKind.PLAIN, 1.0, 0, False, "unfiltered"), (SamplerKind.RUN_TIME, 1.0, 0, False, "unfiltered"),
+             (SamplerKind.TOP_P, 0.9, 0, False, "filtered"), (SamplerKind.RUN_TIME, 0.9, 0, False, "filtered"),
+             (SamplerKind.FULL, 0.9, 0, True, "filtered, logprobs"),
+             (SamplerKind.RUN_TIME, 0.9, 0, True, "filtered, logprobs"),
+             (SamplerKind.FILTER, 0.8, 20, False, "top-k 20, top-p 0.8")]  # Qwen2.5-Instruct's defaults
     results = []
     print(f"| rows | sampler | batch | ms per call ({jax.devices()[0].device_kind}, vocab {args.vocab}) |")
     print("| --- | --- | --- | --- |")
     for rows in args.rows:
-        for kind, top_p, logprobs, batch in cases + [top_k_case]:
-            ms = time_case(rows, args.vocab, kind, top_p, logprobs, args.calls, 20 if batch == top_k_case[3] else 0)
+        for kind, top_p, top_k, logprobs, batch in cases:
+            ms = time_case(rows, args.vocab, kind, top_p, logprobs, args.calls, top_k)
             results.append(dict(rows=rows, sampler=kind.value, batch=batch, ms=ms))
             print(f"| {rows} | {kind.value} | {batch} | {ms:.3f} |")
     write_json(args.output_json, dict(vocab=args.vocab, calls=args.calls, results=results))

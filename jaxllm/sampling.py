@@ -151,10 +151,10 @@ def filter_logits(scaled: jax.Array, inp: SamplingInputs, top_k: bool = True) ->
     (every token tied with the k-th is kept), then top-p over the survivors' renormalised probabilities,
     keeping each value whose strictly more likely tokens hold less than `top_p` (so ties are kept together).
     Sorting every row cost 3.0 ms at 256 rows of 128k tokens on an H100 (`benchmarks/filter_search.py`)."""
-    probs = jax.nn.softmax(scaled, axis=-1)
-    scaled = jnp.where(probs < inp.min_p[:, None] * probs.max(axis=-1, keepdims=True), _NEG_INF, scaled)
+    row_max = scaled.max(axis=-1, keepdims=True)  # no filter removes the most likely token
+    scaled = jnp.where(jnp.exp(scaled - row_max) < inp.min_p[:, None], _NEG_INF, scaled)  # p < min_p * p_max
     keys = _ordered_keys(scaled)
-    top = keys.max(axis=-1)
+    top = _ordered_keys(row_max[:, 0])
     vocab = scaled.shape[-1]
 
     def count_above(t):
@@ -165,7 +165,7 @@ def filter_logits(scaled: jax.Array, inp: SamplingInputs, top_k: bool = True) ->
         kth = jnp.where(inp.top_k > 0, kth, 0)
     else:
         kth = jnp.zeros_like(top)
-    weights = jnp.where(keys >= kth[:, None], jnp.exp(scaled - scaled.max(axis=-1, keepdims=True)), 0.0)
+    weights = jnp.where(keys >= kth[:, None], jnp.exp(scaled - row_max), 0.0)
 
     def mass_above(t):
         return jnp.sum(jnp.where(keys > t[:, None], weights, 0.0), axis=-1)
