@@ -7,7 +7,7 @@ kernel, copies, the other XLA fusions) and the idle gaps, as `decode_timeline.py
 
     python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--calls 8]
         [--num-scheduler-steps 8] [--block-kv N] [--num-stages N] [--random-weights llama3-8b]
-        [--top-p P] [--top-k K] [--logprobs N] [--profile-host PATH] [--output-json PATH]
+        [--top-p P] [--top-k K] [--logprobs N] [--quantization fp8] [--profile-host PATH] [--output-json PATH]
 
 `--top-p`, `--top-k` and `--logprobs` give every request those sampling settings (a batch that filters or
 wants logprobs runs the full sampler program: `sampling.SamplerKind`).
@@ -91,13 +91,14 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--logprobs", type=int)
+    parser.add_argument("--quantization", choices=["fp8"])
     parser.add_argument("--profile-host", help="write a cProfile of the untraced window here and print its top")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     blocks = {k: v for k, v in (("block_kv", args.block_kv), ("num_stages", args.num_stages)) if v}
     llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=1024, num_scheduler_steps=args.num_scheduler_steps, max_num_seqs=args.batch,
-              attention_block_sizes=blocks or None)
+              attention_block_sizes=blocks or None, quantization=args.quantization)
     engine = llm.llm_engine
     host = HostTimes(engine)
     rng = np.random.default_rng(0)

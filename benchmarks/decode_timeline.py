@@ -4,7 +4,8 @@
 copies, and the idle gaps between kernels by size with the kernels on either side of the longest ones. The
 workload is `profile_decode.py`'s (`decode_workload`).
 
-    python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--output-json PATH] [--dump-hlo PATH]
+    python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--quantization fp8] [--output-json PATH]
+        [--dump-hlo PATH]
 
 GPU busy here counts copies as well as kernels (CUPTI kernel records, as in `profile_decode.py`, miss copies
 made with `cudaMemcpyAsync`). `--dump-hlo` writes the optimized HLO of the smallest multi-step decode program.
@@ -99,10 +100,12 @@ def write_json(path: str | None, summary: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
+    parser.add_argument("--quantization", choices=["fp8"])
     parser.add_argument("--output-json")
     parser.add_argument("--dump-hlo")
     args = parser.parse_args()
-    llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16)
+    llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16,
+                                     quantization=args.quantization)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
         key = min(k for k in runner._executables if k.num_steps > 1 and k.sampler is SamplerKind.PLAIN)

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 
 from jaxllm import distributed
+from jaxllm.models.quantization import check_method
 
 # vLLM's defaults where they suit; on CPU, smaller batches so that start-up compiles stay quick.
 # num_scheduler_steps: 8 decode steps per host round trip on accelerators (vLLM's usual multi-step setting)
@@ -45,6 +46,7 @@ class EngineConfig:
     generation_config: str = "auto"
     compilation_cache_dir: str | None = None
     load_format: str = "auto"  # "dummy": random weights made on the devices (benchmarks), as in vLLM
+    quantization: str | None = None  # "fp8": 8-bit projection weights made at load time, as in vLLM
     num_scheduler_steps: int | None = None  # decode steps per engine step for decode-only batches (vLLM's)
     # Dispatch step N+1 before step N's tokens reach the host (vLLM's --async-scheduling; DESIGN rule 5).
     async_scheduling: bool = True
@@ -92,6 +94,7 @@ class EngineConfig:
         for ok, name, message in checks:
             if not ok:
                 raise ValueError(f"{name} {message}, got {getattr(self, name)!r}")
+        check_method(self.quantization)
 
     def memory_budget(self, device: jax.Device, bytes_limit: int) -> float:
         """Bytes jaxllm may use on `device`: `gpu_memory_utilization` of the accelerator, within what JAX

@@ -66,7 +66,8 @@ class LLMEngine:
         distributed.check_mesh(mesh)
         loaded = load_model(config.model, dtype=config.resolved_dtype(), mesh=mesh,
                             attention_backend=config.attention_backend, load_format=config.load_format,
-                            seed=config.seed, attention_block_sizes=config.attention_block_sizes)
+                            seed=config.seed, attention_block_sizes=config.attention_block_sizes,
+                            quantization=config.quantization)
         self.model_config = loaded.config
         self._resolve_max_model_len(loaded.config.max_position_embeddings)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(

@@ -23,6 +23,7 @@ from transformers import PretrainedConfig
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import model_class
+from jaxllm.models.quantization import check_method, quantize_model
 from jaxllm.parallel import ShardingRules, make_mesh, named_sharding
 from jaxllm.weights.mapping import TensorRule, tensor_rules
 from jaxllm.weights.model_dir import PARAMS_DIR, Manifest
@@ -61,9 +62,11 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.
 def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
                rules: ShardingRules = ShardingRules(), attention_backend: str = "auto",
                load_format: str = "auto", seed: int = 0,
-               attention_block_sizes: dict[str, int] | None = None) -> LoadedModel:
+               attention_block_sizes: dict[str, int] | None = None, quantization: str | None = None) -> LoadedModel:
     """Load a Hugging Face directory, a GGUF file or a known model name onto `mesh` (one device by default).
-    `load_format="dummy"` reads only the config and makes random weights on the devices."""
+    `load_format="dummy"` reads only the config and makes random weights on the devices; `quantization="fp8"`
+    then turns the decoder projections into FP8 weights (`jaxllm.models.quantization`)."""
+    check_method(quantization)
     source = resolve_source(model)
     hf_config = load_hf_config(source)
     cfg = ModelConfig.from_hf(hf_config, dtype)
@@ -78,7 +81,10 @@ def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
     else:
         built = _fill(abstract_model(cfg, attention_backend, stages, attention_block_sizes),
                       open_reader(source, cfg), mesh, rules, cfg)
-    logger.info("loaded %s (%s, %s) from %s", cfg.architecture, cfg.dtype, _count(built), source.path)
+    if quantization:
+        quantize_model(built, quantization, mesh, rules)
+    logger.info("loaded %s (%s%s, %s) from %s", cfg.architecture, cfg.dtype,
+                f", {quantization} projections" if quantization else "", _count(built), source.path)
     return LoadedModel(built, cfg, mesh, hf_config, source)
 
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoder models: parameters with logical axes, RMSNorm, rotary embeddings."""
+"""Building blocks shared by the decoder models: parameters with logical axes, projections, RMSNorm, rotary
+embeddings."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import RopeConfig
+from jaxllm.models.quantization import Fp8Weight, fp8_linear
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype: jnp.dtype,
@@ -36,6 +38,13 @@ def pad_stacked(module: nnx.Module, size: int) -> None:
             value = var[...]
             widths = [(0, size - value.shape[0])] + [(0, 0)] * (value.ndim - 1)
             var.set_value(jnp.pad(value, widths))
+
+
+def linear(x: jax.Array, w: nnx.Param | Fp8Weight, num_in: int = 1) -> jax.Array:
+    """`x [..., *in]` times a projection weight `[*in, *out]` (or its FP8 form): `[..., *out]`."""
+    if isinstance(w, Fp8Weight):
+        return fp8_linear(x, w)
+    return jax.lax.dot_general(x, w[...], ((tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in))), ((), ())))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

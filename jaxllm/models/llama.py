@@ -20,7 +20,7 @@ from jax import lax
 
 import pallas_kernels
 from jaxllm.config import ModelConfig
-from jaxllm.models.layers import apply_rope, pad_stacked, param, rms_norm, rope_inv_freq, rope_tables
+from jaxllm.models.layers import apply_rope, linear, pad_stacked, param, rms_norm, rope_inv_freq, rope_tables
 from jaxllm.parallel import ShardingRules, padded_layers
 from jaxllm.pipeline import run_pipeline
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
@@ -52,8 +52,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
                  layer: jax.Array, backend: str, block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
-        q = jnp.einsum("te,ehd->thd", x, self.q_proj[...])
-        kv = jnp.einsum("te,ekhd->tkhd", x, self.kv_proj[...])
+        q, kv = linear(x, self.q_proj), linear(x, self.kv_proj)
         if cfg.qkv_bias:
             q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
         k, v = kv[:, 0], kv[:, 1]
@@ -64,7 +63,7 @@ class Attention(nnx.Module):
         out, kv_cache = pallas_kernels.ragged_paged_attention(
             q, k, v, kv_cache, md, layer, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
             backend=backend, heads_axis=ShardingRules().kv_heads, block_sizes=block_sizes, plan=plan)
-        out = jnp.einsum("thd,hde->te", out, self.o_proj[...])
+        out = linear(out, self.o_proj, num_in=2)
         if cfg.o_bias:
             out = out + self.o_bias[...]
         return out, kv_cache
@@ -80,8 +79,8 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (m, e), ("mlp", "embed"), dt, stack)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate_up = jnp.einsum("...e,egm->...gm", x, self.gate_up_proj[...])
-        return (jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]) @ self.down_proj[...]
+        gate_up = linear(x, self.gate_up_proj)
+        return linear(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], self.down_proj)
 
 
 class DecoderLayer(nnx.Module):

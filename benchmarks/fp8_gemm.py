@@ -1,0 +1,120 @@
+"""The decode GEMMs of a Llama-3.1-8B layer with 8-bit (float8_e4m3fn) weights against bfloat16, through XLA.
+
+Each case reads `--layers` stacked layers of one projection in a `fori_loop`, as the model's layer loop does, and
+reports the time per layer and the weight bytes per second. The fp8 variants keep the weight `[layers, N, K]`
+(the contracting dimension minor, as cuBLASLt's FP8 GEMMs want) with one float32 scale per layer, and quantize
+the activations on the fly: one scale per row (`row`) or per tensor (`tensor`). `w8a16` converts the weight to
+bfloat16 before a bfloat16 GEMM. Each variant is checked against a float32 product of the dequantized inputs,
+and the script prints which GEMM XLA called and whether any fusion wrote a weight-sized array.
+
+    python benchmarks/fp8_gemm.py [--rows 1 16 64 256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import jax
+import jax.numpy as jnp
+from attention import gpu_time, save_rows
+from jax import lax
+
+F8 = jnp.float8_e4m3fn
+F8_MAX = float(jnp.finfo(F8).max)
+# name: (K, N, stacked layers)
+SHAPES = {"qkv": (4096, 6144, 8), "o": (4096, 4096, 8), "gate_up": (4096, 28672, 4), "down": (14336, 4096, 4)}
+
+
+def quantize_rows(x: jax.Array, per_row: bool) -> tuple[jax.Array, jax.Array]:
+    """`x` as float8 and its float32 scale (one per row, or one for the tensor), so that x ~ x8 * scale."""
+    amax = jnp.max(jnp.abs(x).astype(jnp.float32), axis=-1 if per_row else None, keepdims=True)
+    scale = jnp.maximum(amax, 1e-12) / F8_MAX
+    return jnp.clip(x.astype(jnp.float32) / scale, -F8_MAX, F8_MAX).astype(F8), scale
+
+
+def bf16_matmul(x, w, s, i):
+    return jnp.dot(x, lax.dynamic_index_in_dim(w, i, keepdims=False))
+
+
+def fp8_matmul(per_row: bool):
+    def run(x, w, s, i):
+        x8, sx = quantize_rows(x, per_row)
+        out = lax.dot_general(x8, lax.dynamic_index_in_dim(w, i, keepdims=False), (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+        return (out * (sx * s[i])).astype(jnp.bfloat16)
+    return run
+
+
+def w8a16_matmul(x, w, s, i):
+    wi = lax.dynamic_index_in_dim(w, i, keepdims=False).astype(jnp.bfloat16)
+    return (lax.dot_general(x, wi, (((1,), (1,)), ((), ()))).astype(jnp.float32) * s[i]).astype(jnp.bfloat16)
+
+
+def layer_loop(matmul):
+    """Run `matmul(x, w, s, i)` for every layer i of w, as the model's layer loop does."""
+    def run(x, w, s):
+        def body(i, acc):
+            return acc + matmul(x, w, s, i)[:, :8].astype(jnp.float32)
+        return lax.fori_loop(0, w.shape[0], body, jnp.zeros((x.shape[0], 8), jnp.float32))
+    return jax.jit(run)
+
+
+def hlo_facts(fn, *args, weight_elems: int) -> str:
+    """The GEMM custom calls XLA chose, and how many instructions produce an array as large as a weight."""
+    text = fn.lower(*args).compile().as_text()
+    targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+    big = 0
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?\S+ = (\w+)\[([\d,]+)\]", line)
+        if m and " parameter(" not in line and "dynamic-slice" not in line:
+            dims = [int(d) for d in m.group(2).split(",") if d]
+            n = 1
+            for d in dims:
+                n *= d
+            big += n >= weight_elems
+    return f"calls {targets}, weight-sized results {big}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    variants = {"bf16": bf16_matmul, "fp8_row": fp8_matmul(True), "fp8_tensor": fp8_matmul(False),
+                "w8a16": w8a16_matmul}
+    rows_out = []
+    for name in args.shapes:
+        k, n, layers = SHAPES[name]
+        key = jax.random.key(hash(name) % 1000)
+        w16 = jax.random.normal(key, (layers, k, n), jnp.bfloat16) * 0.02
+        amax = jnp.max(jnp.abs(w16.astype(jnp.float32)), axis=(1, 2))
+        s = amax / F8_MAX
+        w8 = jnp.clip(jnp.swapaxes(w16, 1, 2).astype(jnp.float32) / s[:, None, None], -F8_MAX, F8_MAX).astype(F8)
+        for rows in args.rows:
+            x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.bfloat16)
+            ref = jnp.dot(x.astype(jnp.float32), (w8[0].astype(jnp.float32) * s[0]).T)
+            for vname, matmul in variants.items():
+                w = w16 if vname == "bf16" else w8
+                fn = layer_loop(matmul)
+                t = gpu_time(fn, x, w, s) / layers
+                nbytes = w[0].nbytes
+                out = matmul(x, w, s, 0).astype(jnp.float32)
+                err = float(jnp.linalg.norm(out - (ref if vname != "bf16" else jnp.dot(
+                    x.astype(jnp.float32), w16[0].astype(jnp.float32)))) / jnp.linalg.norm(ref))
+                facts = hlo_facts(fn, x, w, s, weight_elems=k * n // 2)
+                print(f"{name} rows={rows} {vname}: {t * 1e6:.1f} us ({nbytes / t / 1e12:.2f} TB/s) "
+                      f"err {err:.1e}; {facts}")
+                rows_out.append(dict(shape=name, rows=rows, variant=vname, us=t * 1e6, tbs=nbytes / t / 1e12,
+                                     err=err, hlo=facts))
+    print("\n| shape | rows | " + " | ".join(variants) + " |")
+    for name in args.shapes:
+        for rows in args.rows:
+            cells = [f"{r['us']:.1f}" for r in rows_out if r["shape"] == name and r["rows"] == rows]
+            print(f"| {name} | {rows} | " + " | ".join(cells) + " |")
+    save_rows(args.json, rows_out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""FP8 weights made at load time from a 16- or 32-bit checkpoint (vLLM's `--quantization fp8`).
+
+The decoder layers' projections (q, k/v, o, gate/up, down) become float8_e4m3fn with one float32 scale per
+output channel; embeddings, norms, biases and the LM head stay in the model's dtype, as in vLLM. Each GEMM
+quantizes its input on the fly with one scale per token (vLLM's dynamic per-token activation scales), runs on
+8-bit operands and scales its output by both scales. On Hopper XLA sends the product to cuBLASLt's FP8 GEMM,
+which reads half the bytes of a bfloat16 weight: what bounds decode. A quantized weight is stored with its
+contracted axes last (`[*out, *in]`, PyTorch's `[out, in]`), the layout cuBLASLt's FP8 GEMMs take in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh
+
+from jaxllm.parallel import ShardingRules, named_sharding
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_METHODS = ("fp8",)
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)
+_MIN_SCALE = 1e-12 / FP8_MAX  # the scale of an all-zero row or channel (identity layers, padding rows)
+
+# (module path under the model, parameter name): how many leading axes of the 16-bit weight are its input.
+PROJECTIONS = {
+    (("layers", "attn"), "q_proj"): 1,
+    (("layers", "attn"), "kv_proj"): 1,
+    (("layers", "attn"), "o_proj"): 2,
+    (("layers", "mlp"), "gate_up_proj"): 1,
+    (("layers", "mlp"), "down_proj"): 1,
+}
+
+
+class Fp8Weight(nnx.Module):
+    """A projection weight `[*out, *in]` in float8_e4m3fn and its float32 scales `[*out]` (weight ~ q * scale).
+    Stacked layers put a `layers` axis first on both."""
+
+    def __init__(self, weight: nnx.Param, scale: nnx.Param, num_in: int):
+        self.weight = weight
+        self.scale = scale
+        self.num_in = num_in
+
+
+def quantize(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """`x` in float8_e4m3fn and float32 scales (the amax over `axes` / 448, kept as size-1 axes): x ~ q * s."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=axes, keepdims=True) / FP8_MAX, _MIN_SCALE)
+    return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+
+
+def quantize_weight(w: jax.Array, num_in: int) -> tuple[jax.Array, jax.Array]:
+    """A 16-bit weight `[*in, *out]` as `([*out, *in]` float8, `[*out]` float32 scales), one scale per output
+    channel."""
+    num_out = w.ndim - num_in
+    moved = jnp.moveaxis(w, tuple(range(num_in)), tuple(range(num_out, w.ndim)))
+    q, scale = quantize(moved, tuple(range(num_out, w.ndim)))
+    return q, scale.reshape(scale.shape[:num_out])
+
+
+def fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
+    """`x [..., *in] @ w -> [..., *out]` in x's dtype: x quantized per token, an 8-bit GEMM, both scales after."""
+    n, out_rank = w.num_in, w.weight.ndim - w.num_in
+    x_axes = tuple(range(x.ndim - n, x.ndim))
+    xq, x_scale = quantize(x, x_axes)
+    product = lax.dot_general(xq, w.weight[...], ((x_axes, tuple(range(out_rank, w.weight.ndim))), ((), ())),
+                              preferred_element_type=x.dtype)
+    x_scale = x_scale.reshape(x.shape[:-n] + (1,) * out_rank)
+    return (product.astype(jnp.float32) * x_scale * w.scale[...]).astype(x.dtype)
+
+
+def check_method(quantization: str | None) -> None:
+    """Refuse a method jaxllm does not have, naming the ones it has."""
+    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization {quantization!r} is not supported; choose one of "
+                         f"{', '.join(QUANTIZATION_METHODS)} (or none)")
+
+
+def quantize_model(model: nnx.Module, quantization: str, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> None:
+    """Replace the decoder projections of a loaded model by `Fp8Weight`s, in place, each made on the devices in
+    its sharding, one parameter at a time (the 16-bit one is freed as its quantized form is placed)."""
+    check_method(quantization)
+    for (module_path, name), num_in in PROJECTIONS.items():
+        module = functools.reduce(getattr, module_path, model)
+        var = getattr(module, name)
+        setattr(module, name, _quantized(var, num_in, mesh, rules))
+    logger.info("quantized the decoder projections to %s", quantization)
+
+
+def _quantized(var: nnx.Param, num_in: int, mesh: Mesh, rules: ShardingRules) -> Fp8Weight:
+    """One stacked `[layers, *in, *out]` parameter quantized layer by layer (`lax.map` bounds the float32
+    temporaries to one layer)."""
+    axes = var.logical_axes
+    in_axes, out_axes = axes[1:1 + num_in], axes[1 + num_in:]
+    q_axes, s_axes = (axes[0], *out_axes, *in_axes), (axes[0], *out_axes)
+    value = var[...]
+    num_out = value.ndim - 1 - num_in
+    q_shape = (value.shape[0], *value.shape[1 + num_in:], *value.shape[1:1 + num_in])
+    shardings = (named_sharding(q_shape, q_axes, mesh, rules), named_sharding(q_shape[:1 + num_out], s_axes, mesh,
+                                                                              rules))
+    q, scale = jax.jit(lambda w: lax.map(lambda layer: quantize_weight(layer, num_in), w),
+                       out_shardings=shardings)(value)
+    return Fp8Weight(nnx.Param(q, logical_axes=q_axes), nnx.Param(scale, logical_axes=s_axes), num_in)
+
+
