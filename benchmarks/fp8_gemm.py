@@ -1,13 +1,15 @@
-"""The decode GEMMs of a Llama-3.1-8B layer with 8-bit (float8_e4m3fn) weights against bfloat16, through XLA.
+"""The decode GEMMs of a Llama-3.1-8B layer with 8-bit (float8_e4m3fn) weights against bfloat16.
 
 Each case reads `--layers` stacked layers of one projection in a `fori_loop`, as the model's layer loop does, and
 reports the time per layer and the weight bytes per second. The fp8 variants keep the weight `[layers, N, K]`
 (the contracting dimension minor, as cuBLASLt's FP8 GEMMs want) with one float32 scale per layer, and quantize
-the activations on the fly: one scale per row (`row`) or per tensor (`tensor`). `w8a16` converts the weight to
-bfloat16 before a bfloat16 GEMM. Each variant is checked against a float32 product of the dequantized inputs,
-and the script prints which GEMM XLA called and whether any fusion wrote a weight-sized array.
+the activations on the fly: one scale per row (`fp8_row`) or per tensor (`fp8_tensor`) through XLA, which slices
+the layer, or one scale per row through `pallas_kernels.fp8_gemm`, which reads the layer in place (`kernel`).
+`w8a16` converts the weight to bfloat16 before a bfloat16 GEMM. jaxllm's XLA flags apply (cuBLAS GEMMs). Each
+variant is checked at the last layer against a float32 product of its dequantized inputs, and the script prints
+which GEMM XLA called and how many instructions produce an array as large as a weight.
 
-    python benchmarks/fp8_gemm.py [--rows 1 16 64 256] [--json out.json]
+    python benchmarks/fp8_gemm.py [--rows 16 64 256] [--variants ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import jax
 import jax.numpy as jnp
 from attention import gpu_time, save_rows
 from jax import lax
+
+import jaxllm  # noqa: F401  (jaxllm's XLA flags, before JAX starts its backend)
+from pallas_kernels.fp8_gemm import fp8_matmul
 
 F8 = jnp.float8_e4m3fn
 F8_MAX = float(jnp.finfo(F8).max)
@@ -37,13 +42,18 @@ def bf16_matmul(x, w, s, i):
     return jnp.dot(x, lax.dynamic_index_in_dim(w, i, keepdims=False))
 
 
-def fp8_matmul(per_row: bool):
+def xla_fp8_matmul(per_row: bool):
     def run(x, w, s, i):
         x8, sx = quantize_rows(x, per_row)
         out = lax.dot_general(x8, lax.dynamic_index_in_dim(w, i, keepdims=False), (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
         return (out * (sx * s[i])).astype(jnp.bfloat16)
     return run
+
+
+def kernel_matmul(x, w, s, i):
+    x8, sx = quantize_rows(x, True)
+    return (fp8_matmul(x8, w, i) * (sx * s[i])).astype(jnp.bfloat16)
 
 
 def w8a16_matmul(x, w, s, i):
@@ -78,12 +88,14 @@ def hlo_facts(fn, *args, weight_elems: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--variants", nargs="+", default=["bf16", "fp8_row", "kernel"])
     parser.add_argument("--json")
     args = parser.parse_args()
-    variants = {"bf16": bf16_matmul, "fp8_row": fp8_matmul(True), "fp8_tensor": fp8_matmul(False),
-                "w8a16": w8a16_matmul}
+    every = {"bf16": bf16_matmul, "fp8_row": xla_fp8_matmul(True), "fp8_tensor": xla_fp8_matmul(False),
+             "kernel": kernel_matmul, "w8a16": w8a16_matmul}
+    variants = {name: every[name] for name in args.variants}
     rows_out = []
     for name in args.shapes:
         k, n, layers = SHAPES[name]
@@ -94,15 +106,17 @@ def main() -> None:
         w8 = jnp.clip(jnp.swapaxes(w16, 1, 2).astype(jnp.float32) / s[:, None, None], -F8_MAX, F8_MAX).astype(F8)
         for rows in args.rows:
             x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.bfloat16)
-            ref = jnp.dot(x.astype(jnp.float32), (w8[0].astype(jnp.float32) * s[0]).T)
+            last = layers - 1  # checked at the last layer: a kernel reading the wrong layer fails
+            ref = jnp.dot(x.astype(jnp.float32), (w8[last].astype(jnp.float32) * s[last]).T)
+            ref16 = jnp.dot(x.astype(jnp.float32), w16[last].astype(jnp.float32))
             for vname, matmul in variants.items():
                 w = w16 if vname == "bf16" else w8
                 fn = layer_loop(matmul)
                 t = gpu_time(fn, x, w, s) / layers
                 nbytes = w[0].nbytes
-                out = matmul(x, w, s, 0).astype(jnp.float32)
-                err = float(jnp.linalg.norm(out - (ref if vname != "bf16" else jnp.dot(
-                    x.astype(jnp.float32), w16[0].astype(jnp.float32)))) / jnp.linalg.norm(ref))
+                out = jax.jit(matmul)(x, w, s, last).astype(jnp.float32)
+                expected = ref16 if vname == "bf16" else ref
+                err = float(jnp.linalg.norm(out - expected) / jnp.linalg.norm(expected))
                 facts = hlo_facts(fn, x, w, s, weight_elems=k * n // 2)
                 print(f"{name} rows={rows} {vname}: {t * 1e6:.1f} us ({nbytes / t / 1e12:.2f} TB/s) "
                       f"err {err:.1e}; {facts}")

@@ -126,6 +126,9 @@ class LLMEngine:
         workspace = int(self.runner.workspace_bytes() * 1.2) + (512 << 20)  # margin for the allocator
         logger.info("step workspace: %.2f GiB", workspace / 2**30)
         free = config.memory_budget(device, stats["bytes_limit"]) - stats["bytes_in_use"] - workspace
+        # The cache is one buffer: where loading left holes (FP8 weights made from 16-bit ones), it must fit
+        # in the largest free block.
+        free = min(free, stats.get("largest_free_block_bytes", free) - workspace)
         free = distributed.smallest(int(free))  # one cache shape on every host
         if free < page_bytes:
             raise ValueError(f"no memory left for the KV cache (gpu_memory_utilization="

@@ -40,10 +40,11 @@ def pad_stacked(module: nnx.Module, size: int) -> None:
             var.set_value(jnp.pad(value, widths))
 
 
-def linear(x: jax.Array, w: nnx.Param | Fp8Weight, num_in: int = 1) -> jax.Array:
-    """`x [..., *in]` times a projection weight `[*in, *out]` (or its FP8 form): `[..., *out]`."""
+def linear(x: jax.Array, w: nnx.Param | Fp8Weight, num_in: int = 1, layer: jax.Array | None = None) -> jax.Array:
+    """`x [..., *in]` times a projection weight `[*in, *out]` (or its FP8 form): `[..., *out]`. `layer`: the
+    FP8 weight is the whole layer stack, read at that layer in place (`quantization.fp8_linear`)."""
     if isinstance(w, Fp8Weight):
-        return fp8_linear(x, w)
+        return fp8_linear(x, w, layer)
     return jax.lax.dot_general(x, w[...], ((tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in))), ((), ())))
 
 

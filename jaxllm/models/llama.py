@@ -21,6 +21,7 @@ from jax import lax
 import pallas_kernels
 from jaxllm.config import ModelConfig
 from jaxllm.models.layers import apply_rope, linear, pad_stacked, param, rms_norm, rope_inv_freq, rope_tables
+from jaxllm.models.quantization import Fp8Param, Fp8Weight, streams_in_place
 from jaxllm.parallel import ShardingRules, padded_layers
 from jaxllm.pipeline import run_pipeline
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
@@ -50,9 +51,10 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
-                 layer: jax.Array, backend: str, block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+                 layer: jax.Array, backend: str, block_sizes: tuple | None = None,
+                 streamed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
-        q, kv = linear(x, self.q_proj), linear(x, self.kv_proj)
+        q, kv = linear(x, self.q_proj, layer=streamed), linear(x, self.kv_proj, layer=streamed)
         if cfg.qkv_bias:
             q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
         k, v = kv[:, 0], kv[:, 1]
@@ -63,7 +65,7 @@ class Attention(nnx.Module):
         out, kv_cache = pallas_kernels.ragged_paged_attention(
             q, k, v, kv_cache, md, layer, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
             backend=backend, heads_axis=ShardingRules().kv_heads, block_sizes=block_sizes, plan=plan)
-        out = linear(out, self.o_proj, num_in=2)
+        out = linear(out, self.o_proj, num_in=2, layer=streamed)
         if cfg.o_bias:
             out = out + self.o_bias[...]
         return out, kv_cache
@@ -78,13 +80,14 @@ class MLP(nnx.Module):
         self.gate_up_proj = param(rngs, (e, 2, m), ("embed", None, "mlp"), dt, stack)
         self.down_proj = param(rngs, (m, e), ("mlp", "embed"), dt, stack)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate_up = linear(x, self.gate_up_proj)
-        return linear(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], self.down_proj)
+    def __call__(self, x: jax.Array, streamed: jax.Array | None = None) -> jax.Array:
+        gate_up = linear(x, self.gate_up_proj, layer=streamed)
+        return linear(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], self.down_proj, layer=streamed)
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm attention and MLP blocks with residuals."""
+    """Pre-norm attention and MLP blocks with residuals. With `stream_fp8`, its FP8 weights are the whole layer
+    stacks, read at `layer` in place (`LlamaForCausalLM._run_stack`)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         dt = cfg.jnp_dtype
@@ -95,11 +98,13 @@ class DecoderLayer(nnx.Module):
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
-                 layer: jax.Array, backend: str, block_sizes: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+                 layer: jax.Array, backend: str, block_sizes: tuple | None = None,
+                 stream_fp8: bool = False) -> tuple[jax.Array, jax.Array]:
+        streamed = layer if stream_fp8 else None
         h, kv_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), rope, kv_cache, md, plan, layer,
-                                backend, block_sizes)
+                                backend, block_sizes, streamed)
         x = x + h
-        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps))
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps), streamed)
         return x, kv_cache
 
 
@@ -151,11 +156,15 @@ class LlamaForCausalLM(nnx.Module):
         plan = pallas_kernels.plan_attention(md, x.shape[0], page_size=kv_cache.shape[2],
                                              group=cfg.num_heads // cfg.num_kv_heads, backend=self.attention_backend)
 
+        stream_fp8 = self._streams_fp8(x.shape[0])
+        whole, sliced = nnx.split_state(stacked, Fp8Param if stream_fp8 else nnx.Nothing, ...)
+
         def one_layer(carry):
             index, x, kv_cache = carry
-            layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), stacked)
-            layer = nnx.merge(graphdef, layer_state)
-            x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes)
+            layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), sliced)
+            layer = nnx.merge(graphdef, whole, layer_state)
+            x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes,
+                                stream_fp8)
             return index + 1, x, kv_cache
 
         # A while loop whose first element is its counter, as `scan` lowers to, with the weights sliced by that
@@ -166,6 +175,15 @@ class LlamaForCausalLM(nnx.Module):
         depth = jax.tree.leaves(stacked)[0].shape[0]
         _, x, kv_cache = lax.while_loop(lambda carry: carry[0] < depth, one_layer, (jnp.int32(0), x, kv_cache))
         return x, kv_cache
+
+    def _streams_fp8(self, rows: int) -> bool:
+        """Whether the FP8 weights go to `fp8_gemm` whole, to be read at the layer in place: with the Mosaic GPU
+        kernels (`pallas_gpu`), on one device (under tensor or pipeline parallelism XLA partitions the GEMMs),
+        for steps the kernel takes. Otherwise XLA's FP8 GEMMs get each layer's slice, which XLA copies first."""
+        weights = [m for _, m in nnx.iter_graph(self.layers) if isinstance(m, Fp8Weight)]
+        mesh = jax.typeof(weights[0].weight[...]).sharding.mesh if weights else None
+        return (self.attention_backend == "pallas_gpu" and mesh is not None and (mesh.empty or mesh.size == 1)
+                and streams_in_place(weights, rows))
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[N, vocab]` for the given hidden rows."""

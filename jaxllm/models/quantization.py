@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from jaxllm.parallel import ShardingRules, named_sharding
+from pallas_kernels import fp8_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +40,16 @@ PROJECTIONS = {
 }
 
 
+class Fp8Param(nnx.Param):
+    """A float8 projection weight: the layer loop can hand these over whole, for `fp8_gemm` to read one layer of
+    in place."""
+
+
 class Fp8Weight(nnx.Module):
     """A projection weight `[*out, *in]` in float8_e4m3fn and its float32 scales `[*out]` (weight ~ q * scale).
     Stacked layers put a `layers` axis first on both."""
 
-    def __init__(self, weight: nnx.Param, scale: nnx.Param, num_in: int):
+    def __init__(self, weight: Fp8Param, scale: nnx.Param, num_in: int):
         self.weight = weight
         self.scale = scale
         self.num_in = num_in
@@ -64,15 +71,29 @@ def quantize_weight(w: jax.Array, num_in: int) -> tuple[jax.Array, jax.Array]:
     return q, scale.reshape(scale.shape[:num_out])
 
 
-def fp8_linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
-    """`x [..., *in] @ w -> [..., *out]` in x's dtype: x quantized per token, an 8-bit GEMM, both scales after."""
-    n, out_rank = w.num_in, w.weight.ndim - w.num_in
+def fp8_linear(x: jax.Array, w: Fp8Weight, layer: jax.Array | None = None) -> jax.Array:
+    """`x [T, *in] @ w -> [T, *out]` in x's dtype: x quantized per token, an 8-bit GEMM, both scales after.
+    With `layer`, `w.weight` is the whole layer stack and `fp8_gemm` reads that layer of it in place."""
+    n, out_shape = w.num_in, w.scale.shape
     x_axes = tuple(range(x.ndim - n, x.ndim))
     xq, x_scale = quantize(x, x_axes)
-    product = lax.dot_general(xq, w.weight[...], ((x_axes, tuple(range(out_rank, w.weight.ndim))), ((), ())),
-                              preferred_element_type=x.dtype)
-    x_scale = x_scale.reshape(x.shape[:-n] + (1,) * out_rank)
+    if layer is None:
+        product = lax.dot_general(xq, w.weight[...], ((x_axes, tuple(range(len(out_shape), w.weight.ndim))), ((), ())),
+                                  preferred_element_type=x.dtype)
+    else:
+        stack = w.weight[...]
+        stack = stack.reshape(stack.shape[0], math.prod(out_shape), -1)
+        product = fp8_gemm.fp8_matmul(xq.reshape(x.shape[0], -1), stack, layer).reshape(x.shape[:1] + out_shape)
+    x_scale = x_scale.reshape(x.shape[:-n] + (1,) * len(out_shape))
     return (product.astype(jnp.float32) * x_scale * w.scale[...]).astype(x.dtype)
+
+
+def streams_in_place(stacked: list[Fp8Weight], rows: int) -> bool:
+    """Whether `fp8_gemm` takes every stacked FP8 weight (`[L, *out, *in]`) at `rows` tokens a step."""
+    def flat(w: Fp8Weight) -> tuple[int, int, int]:
+        shape = w.weight.shape
+        return shape[0], math.prod(shape[1:-w.num_in]), math.prod(shape[-w.num_in:])
+    return bool(stacked) and all(fp8_gemm.supported(rows, flat(w)) for w in stacked)
 
 
 def check_method(quantization: str | None) -> None:
@@ -89,7 +110,10 @@ def quantize_model(model: nnx.Module, quantization: str, mesh: Mesh, rules: Shar
     for (module_path, name), num_in in PROJECTIONS.items():
         module = functools.reduce(getattr, module_path, model)
         var = getattr(module, name)
-        setattr(module, name, _quantized(var, num_in, mesh, rules))
+        quantized = _quantized(var, num_in, mesh, rules)
+        jax.block_until_ready(quantized.weight[...])
+        var[...].delete()
+        setattr(module, name, quantized)
     logger.info("quantized the decoder projections to %s", quantization)
 
 
@@ -106,6 +130,6 @@ def _quantized(var: nnx.Param, num_in: int, mesh: Mesh, rules: ShardingRules) ->
                                                                               rules))
     q, scale = jax.jit(lambda w: lax.map(lambda layer: quantize_weight(layer, num_in), w),
                        out_shardings=shardings)(value)
-    return Fp8Weight(nnx.Param(q, logical_axes=q_axes), nnx.Param(scale, logical_axes=s_axes), num_in)
+    return Fp8Weight(Fp8Param(q, logical_axes=q_axes), nnx.Param(scale, logical_axes=s_axes), num_in)
 
 

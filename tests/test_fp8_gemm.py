@@ -1,0 +1,49 @@
+"""`pallas_kernels.fp8_gemm`, run by JAX's GPU interpreter on CPU: products of one layer of a stacked FP8 weight
+against float64 products, and its contract errors. Mosaic's lowering and the kernel's speed are checked on an H100
+by `benchmarks/fp8_gemm.py`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fp8_gemm import FP8, GemmSizes, fp8_matmul
+
+CASES = [
+    # rows, K, N, layer, sizes
+    (1, 256, 128, 2, GemmSizes(tile_n=64, num_stages=2, splits=1)),  # one row, padded to 8
+    (16, 512, 192, 1, GemmSizes(tile_n=64, num_stages=3, splits=2)),  # two K splits, a ring of stages reused
+    (72, 256, 128, 0, GemmSizes()),  # rows padded to 96, tiles of 64 channels, splits chosen
+    (256, 128, 64, 2, GemmSizes(num_stages=4)),  # the most rows
+]
+
+
+def random_fp8(key, shape):
+    """Float8 values over the whole e4m3 range, zeros and subnormals included."""
+    values = jax.random.normal(key, shape) * jnp.exp2(jax.random.randint(key, shape, -10, 8))
+    return jnp.clip(values, -448, 448).astype(FP8)
+
+
+@pytest.mark.parametrize("rows,k,n,layer,sizes", CASES)
+def test_matches_a_float64_product_of_the_chosen_layer(rows, k, n, layer, sizes):
+    kx, kw = jax.random.split(jax.random.key(rows + k + n))
+    x, w = random_fp8(kx, (rows, k)), random_fp8(kw, (3, n, k))
+    out = fp8_matmul(x, w, jnp.int32(layer), sizes)
+    expected = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w[layer].astype(jnp.float32), np.float64).T
+    assert out.shape == (rows, n) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("x_shape,w_shape,dtype,match", [
+    ((257, 128), (1, 64, 128), FP8, "T <= 256"),
+    ((4, 192), (1, 64, 192), FP8, "K a multiple of 128"),
+    ((4, 128), (1, 64, 128), jnp.bfloat16, "float8_e4m3fn"),
+])
+def test_unsupported_operands_are_refused_with_a_clear_error(x_shape, w_shape, dtype, match):
+    with pytest.raises(NotImplementedError, match=match):
+        fp8_matmul(jnp.zeros(x_shape, dtype), jnp.zeros(w_shape, FP8), 0)
+
+
+def test_splits_that_do_not_divide_k_are_refused():
+    with pytest.raises(ValueError, match="3 splits do not divide 4 K steps"):
+        fp8_matmul(jnp.zeros((4, 512), FP8), jnp.zeros((1, 64, 512), FP8), 0, GemmSizes(splits=3))
