@@ -7,17 +7,17 @@ GEMM (4.8 ms of copies per batch-1 token at Llama-3.1-8B shape on an H100, more 
 Here the layer is a kernel argument, as the attention kernel takes its cache layer.
 
 At T <= 256 a projection is mostly a weight read: one byte a weight, 2T FLOPs. Each CUDA block owns `tile_n` output
-channels and one of `splits` ranges of K; TMA streams weight tiles `[tile_n, tile_k]` (K minor, the layout FP8
-wgmma needs for both operands) and the matching `[T, tile_k]` columns of x through `num_stages` shared-memory
-stages, and the tensor cores compute the tile transposed (`out^T [tile_n, T] += w x^T`): weight channels are
-the wgmma's M, the T tokens its N, so no row of x is padded to 64. Both operands are 128-byte swizzled rows of
-128 FP8 values. The splits' float32 partials are summed in XLA, with the scales, where the sum fuses into
-whatever reads the projection.
+channels and one of `splits` ranges of K; TMA streams weight tiles `[tile_n, 128]` (K minor, the layout FP8
+wgmma needs for both operands) and the matching `[T, 128]` columns of x through `num_stages` shared-memory
+stages, and the tensor cores compute `out [T, tile_n] += x w^T` with x's rows padded to a multiple of 64 (the
+wgmma's M): the padding costs arithmetic the weight stream hides, and the output comes out row-major, so XLA
+only sums the splits' float32 partials (with the scales, fused into whatever reads the projection). Computing
+the tile transposed instead (weight channels as M) left XLA a `[N, T]` transpose per GEMM that took longer than
+the GEMM's own weight read on an H100. Both operands are 128-byte swizzled rows of 128 FP8 values.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 
@@ -27,8 +27,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.gpu import _interpret_off_gpu, _transforms
+
 MAX_ROWS = 256  # rows of x the kernel takes (the wgmma's N, at most 256); more rows are XLA's
 _TMA_ROWS = 8  # rows of one swizzled shared-memory tile
+_WGMMA_M = 64  # x's rows are padded to a multiple of the wgmma's M
 _TILE_K = 128  # K per pipeline step: one 128-byte swizzled row of FP8 values
 _NUM_SMS = 132  # H100 SXM; sizes the split heuristic
 _SMEM_BUDGET = 200 * 1024
@@ -47,7 +50,7 @@ class GemmSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Shapes:
-    rows: int  # x's rows, padded to 8, 16 or a multiple of 32
+    rows: int  # x's rows, padded to a multiple of 64
     k: int
     n: int
     tile_n: int
@@ -76,14 +79,14 @@ def fp8_matmul(xq: jax.Array, w: jax.Array, layer, sizes: GemmSizes | None = Non
     shapes = _plan(xq.shape[0], w.shape[2], w.shape[1], sizes or GemmSizes())
     rows = jnp.pad(xq, ((0, shapes.rows - xq.shape[0]), (0, 0))) if shapes.rows != xq.shape[0] else xq
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    partials = _call_kernel(layer, rows, w, shapes)  # [splits, N, rows]
-    return partials.sum(axis=0)[:, : xq.shape[0]].T
+    partials = _call_kernel(layer, rows, w, shapes)  # [splits, rows, N]
+    return partials[:, : xq.shape[0]].sum(axis=0)
 
 
 def _plan(t: int, k: int, n: int, sizes: GemmSizes) -> _Shapes:
     """Tiles that divide the operands and fit the registers, and splits of K that give every SM two blocks."""
-    rows = next(r for r in (8, 16, -(-t // 32) * 32) if r >= t)  # whole swizzled rows of the float32 output tile
-    tile_n = min(sizes.tile_n, n, 64 if rows > 64 else n)  # the accumulator, tile_n x rows float32, in registers
+    rows = -(-t // _WGMMA_M) * _WGMMA_M
+    tile_n = min(sizes.tile_n, n, 64 if rows > 128 else n)  # the accumulator, rows x tile_n float32, in registers
     if n % tile_n:
         tile_n = 64
     k_steps = k // _TILE_K
@@ -108,13 +111,13 @@ def _call_kernel(layer, x, w, shapes: _Shapes) -> jax.Array:
     scratch = [
         plgpu.SMEM((shapes.num_stages, shapes.tile_n, _TILE_K), FP8, transforms=_transforms(FP8, _TILE_K)),
         plgpu.SMEM((shapes.num_stages, shapes.rows, _TILE_K), FP8, transforms=_transforms(FP8, _TILE_K)),
-        plgpu.SMEM((shapes.tile_n, shapes.rows), jnp.float32, transforms=_transforms(jnp.float32, shapes.rows)),
+        plgpu.SMEM((shapes.rows, shapes.tile_n), jnp.float32, transforms=_transforms(jnp.float32, shapes.tile_n)),
         plgpu.Barrier(num_arrivals=2, num_barriers=shapes.num_stages),
     ]
     with _interpret_off_gpu():
         return plgpu.kernel(
             functools.partial(_kernel, shapes=shapes),
-            out_type=jax.ShapeDtypeStruct((shapes.splits, shapes.n, shapes.rows), jnp.float32),
+            out_type=jax.ShapeDtypeStruct((shapes.splits, shapes.rows, shapes.n), jnp.float32),
             scratch_types=scratch, grid=(shapes.n // shapes.tile_n, shapes.splits), grid_names=("cols", "splits"),
             compiler_params=_COMPILER_PARAMS,
         )(layer, x, w)
@@ -139,7 +142,7 @@ def _kernel(layer_ref, x_ref, w_ref, out_ref, w_smem, x_smem, out_smem, barriers
         def step(j, carry):
             stage = lax.rem(j, shapes.num_stages)
             plgpu.barrier_wait(barriers.at[stage])
-            plgpu.wgmma(acc_ref, w_smem.at[stage], x_smem.at[stage].transpose((1, 0)))
+            plgpu.wgmma(acc_ref, x_smem.at[stage], w_smem.at[stage].transpose((1, 0)))
             plgpu.wgmma_wait(0)
             pl.when(j + shapes.num_stages < shapes.steps)(lambda: fetch(j + shapes.num_stages))
             return carry
@@ -147,20 +150,7 @@ def _kernel(layer_ref, x_ref, w_ref, out_ref, w_smem, x_smem, out_smem, barriers
         lax.fori_loop(0, shapes.steps, step, 0)
         return acc_ref[...]
 
-    out_smem[...] = pl.run_scoped(accumulate, plgpu.ACC((shapes.tile_n, shapes.rows), jnp.float32))
+    out_smem[...] = pl.run_scoped(accumulate, plgpu.ACC((shapes.rows, shapes.tile_n), jnp.float32))
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[part, cols])
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[part, :, cols])
     plgpu.wait_smem_to_gmem(0)
-
-
-def _transforms(dtype, minor: int) -> tuple:
-    """Shared-memory tiles of 8 rows of up to 128 bytes, swizzled, as TMA writes and wgmma reads them."""
-    swizzle = min(128, minor * jnp.dtype(dtype).itemsize)
-    return plgpu.TilingTransform((_TMA_ROWS, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
-
-
-def _interpret_off_gpu():
-    """Mosaic GPU compiles only for NVIDIA GPUs; everywhere else JAX's GPU interpreter runs the kernel."""
-    if jax.default_backend() == "gpu":
-        return contextlib.nullcontext()
-    return plgpu.force_gpu_interpret_mode()

@@ -13,8 +13,8 @@ CASES = [
     # rows, K, N, layer, sizes
     (1, 256, 128, 2, GemmSizes(tile_n=64, num_stages=2, splits=1)),  # one row, padded to 8
     (16, 512, 192, 1, GemmSizes(tile_n=64, num_stages=3, splits=2)),  # two K splits, a ring of stages reused
-    (72, 256, 128, 0, GemmSizes()),  # rows padded to 96, tiles of 64 channels, splits chosen
-    (256, 128, 64, 2, GemmSizes(num_stages=4)),  # the most rows
+    (72, 256, 128, 0, GemmSizes()),  # rows padded to 128, splits chosen
+    (256, 128, 128, 2, GemmSizes(num_stages=4)),  # the most rows, tiles of 64 channels
 ]
 
 
