@@ -9,7 +9,7 @@ the layer, or one scale per row through `pallas_kernels.fp8_gemm`, which reads t
 variant is checked at the last layer against a float32 product of its dequantized inputs, and the script prints
 which GEMM XLA called and how many instructions produce an array as large as a weight.
 
-    python benchmarks/fp8_gemm.py [--rows 16 64 256] [--variants ...] [--json out.json]
+    python benchmarks/fp8_gemm.py [--rows 16 64 256] [--variants ...] [--splits 1 2 4] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from attention import gpu_time, save_rows
 from jax import lax
 
 import jaxllm  # noqa: F401  (jaxllm's XLA flags, before JAX starts its backend)
-from pallas_kernels.fp8_gemm import fp8_matmul
+from pallas_kernels.fp8_gemm import GemmSizes, fp8_matmul
 
 F8 = jnp.float8_e4m3fn
 F8_MAX = float(jnp.finfo(F8).max)
@@ -51,9 +51,11 @@ def xla_fp8_matmul(per_row: bool):
     return run
 
 
-def kernel_matmul(x, w, s, i):
-    x8, sx = quantize_rows(x, True)
-    return (fp8_matmul(x8, w, i) * (sx * s[i])).astype(jnp.bfloat16)
+def kernel_matmul(sizes: GemmSizes | None = None):
+    def run(x, w, s, i):
+        x8, sx = quantize_rows(x, True)
+        return (fp8_matmul(x8, w, i, sizes) * (sx * s[i])).astype(jnp.bfloat16)
+    return run
 
 
 def w8a16_matmul(x, w, s, i):
@@ -91,11 +93,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--variants", nargs="+", default=["bf16", "fp8_row", "kernel"])
+    parser.add_argument("--splits", type=int, nargs="*", default=[], help="kernel variants with these K splits")
     parser.add_argument("--json")
     args = parser.parse_args()
     every = {"bf16": bf16_matmul, "fp8_row": xla_fp8_matmul(True), "fp8_tensor": xla_fp8_matmul(False),
-             "kernel": kernel_matmul, "w8a16": w8a16_matmul}
+             "kernel": kernel_matmul(), "w8a16": w8a16_matmul}
     variants = {name: every[name] for name in args.variants}
+    variants.update({f"kernel_s{n}": kernel_matmul(GemmSizes(splits=n)) for n in args.splits})
     rows_out = []
     for name in args.shapes:
         k, n, layers = SHAPES[name]

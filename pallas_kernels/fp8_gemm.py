@@ -6,14 +6,15 @@ layer weights where it lies, so inside the model's layer loop XLA copied every l
 GEMM (4.8 ms of copies per batch-1 token at Llama-3.1-8B shape on an H100, more than the 8-bit weights saved).
 Here the layer is a kernel argument, as the attention kernel takes its cache layer.
 
-At T <= 256 a projection is mostly a weight read: one byte a weight, 2T FLOPs. Each CUDA block owns `tile_n` output
-channels and one of `splits` ranges of K; TMA streams weight tiles `[tile_n, 128]` (K minor, the layout FP8
-wgmma needs for both operands) and the matching `[T, 128]` columns of x through `num_stages` shared-memory
+At T <= 256 a projection is mostly a weight read: one byte a weight, 2T FLOPs. Each CUDA block owns `tile_n`
+output channels and one of `splits` ranges of K; TMA streams weight tiles `[tile_n, 128]` (K minor, the layout
+FP8 wgmma needs for both operands) and the matching `[T, 128]` columns of x through `num_stages` shared-memory
 stages, and the tensor cores compute `out [T, tile_n] += x w^T` with x's rows padded to a multiple of 64 (the
-wgmma's M): the padding costs arithmetic the weight stream hides, and the output comes out row-major, so XLA
-only sums the splits' float32 partials (with the scales, fused into whatever reads the projection). Computing
-the tile transposed instead (weight channels as M) left XLA a `[N, T]` transpose per GEMM that took longer than
-the GEMM's own weight read on an H100. Both operands are 128-byte swizzled rows of 128 FP8 values.
+wgmma's M). The padding costs arithmetic the weight stream hides; only x's own rows of the output are written,
+row-major, so XLA only sums the splits' float32 partials (with the scales, fused into whatever reads the
+projection). Computing the tile transposed instead (weight channels as M) left XLA a `[N, T]` transpose per
+GEMM that took longer than the GEMM's own weight read on an H100. Both operands are 128-byte swizzled rows of
+128 FP8 values.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class GemmSizes:
 @dataclasses.dataclass(frozen=True)
 class _Shapes:
     rows: int  # x's rows, padded to a multiple of 64
+    out_rows: int  # the output rows written: x's rows, padded to 8
     k: int
     n: int
     tile_n: int
@@ -79,7 +81,7 @@ def fp8_matmul(xq: jax.Array, w: jax.Array, layer, sizes: GemmSizes | None = Non
     shapes = _plan(xq.shape[0], w.shape[2], w.shape[1], sizes or GemmSizes())
     rows = jnp.pad(xq, ((0, shapes.rows - xq.shape[0]), (0, 0))) if shapes.rows != xq.shape[0] else xq
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    partials = _call_kernel(layer, rows, w, shapes)  # [splits, rows, N]
+    partials = _call_kernel(layer, rows, w, shapes)  # [splits, out_rows, N]
     return partials[:, : xq.shape[0]].sum(axis=0)
 
 
@@ -96,7 +98,7 @@ def _plan(t: int, k: int, n: int, sizes: GemmSizes) -> _Shapes:
     stages = max(1, min(sizes.num_stages, k_steps // splits))
     while stages > 2 and stages * (tile_n + rows) * _TILE_K + tile_n * rows * 4 > _SMEM_BUDGET:
         stages -= 1
-    return _Shapes(rows, k, n, tile_n, stages, splits)
+    return _Shapes(rows, -(-t // _TMA_ROWS) * _TMA_ROWS, k, n, tile_n, stages, splits)
 
 
 def _fill_splits(col_blocks: int, k_steps: int) -> int:
@@ -117,7 +119,7 @@ def _call_kernel(layer, x, w, shapes: _Shapes) -> jax.Array:
     with _interpret_off_gpu():
         return plgpu.kernel(
             functools.partial(_kernel, shapes=shapes),
-            out_type=jax.ShapeDtypeStruct((shapes.splits, shapes.rows, shapes.n), jnp.float32),
+            out_type=jax.ShapeDtypeStruct((shapes.splits, shapes.out_rows, shapes.n), jnp.float32),
             scratch_types=scratch, grid=(shapes.n // shapes.tile_n, shapes.splits), grid_names=("cols", "splits"),
             compiler_params=_COMPILER_PARAMS,
         )(layer, x, w)
@@ -152,5 +154,5 @@ def _kernel(layer_ref, x_ref, w_ref, out_ref, w_smem, x_smem, out_smem, barriers
 
     out_smem[...] = pl.run_scoped(accumulate, plgpu.ACC((shapes.rows, shapes.tile_n), jnp.float32))
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[part, :, cols])
+    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, shapes.out_rows)], out_ref.at[part, :, cols])
     plgpu.wait_smem_to_gmem(0)
