@@ -11,7 +11,7 @@ The runs share one compilation cache directory, in this order:
 Each run also decodes 16 greedy tokens; they must agree across runs.
 
     python benchmarks/startup.py [--runs cold warm jax_cache_only warm_again] [--max-model-len N]
-        [--output-json PATH]
+        [--quantization fp8] [--output-json PATH]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 PROMPT_LEN = 512
 
 
-def child(cache_dir: str, max_model_len: int | None) -> None:
+def child(cache_dir: str, max_model_len: int | None, quantization: str | None) -> None:
     """One start: the marks (seconds since the parent's launch time) and the greedy tokens, as a JSON line."""
     launched = float(os.environ["STARTUP_LAUNCHED"])
     marks = {"interpreter": time.time() - launched}
@@ -37,7 +37,7 @@ def child(cache_dir: str, max_model_len: int | None) -> None:
     from jaxllm.bench.presets import random_weights_dir
     marks["imports"] = time.time() - launched
     llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=max_model_len, compilation_cache_dir=cache_dir)
+              max_model_len=max_model_len, compilation_cache_dir=cache_dir, quantization=quantization)
     marks["engine_ready"] = time.time() - launched
     prompt = {"prompt_token_ids": [(7 * i) % 128000 for i in range(PROMPT_LEN)]}
     llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
@@ -47,10 +47,12 @@ def child(cache_dir: str, max_model_len: int | None) -> None:
     os._exit(0)  # teardown (freeing the device) is not part of start-up
 
 
-def launch(cache_dir: str, max_model_len: int | None) -> dict:
+def launch(cache_dir: str, max_model_len: int | None, quantization: str | None) -> dict:
     command = [sys.executable, __file__, "--child", "--cache-dir", cache_dir]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
+    if quantization:
+        command += ["--quantization", quantization]
     env = {**os.environ, "STARTUP_LAUNCHED": repr(time.time())}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("STARTUP ")]
@@ -67,16 +69,17 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["cold", "warm", "jax_cache_only", "warm_again"],
                         choices=["cold", "warm", "jax_cache_only", "warm_again"])
     parser.add_argument("--max-model-len", type=int, help="default: the model's own (131072), as `jaxllm serve`")
+    parser.add_argument("--quantization", choices=["fp8"])
     parser.add_argument("--output-json")
     args = parser.parse_args()
     if args.child:
-        child(args.cache_dir, args.max_model_len)
+        child(args.cache_dir, args.max_model_len, args.quantization)
     cache_dir = tempfile.mkdtemp(prefix="jaxllm-startup-")
     results = {}
     for run in args.runs:
         if run == "jax_cache_only":
             shutil.rmtree(Path(cache_dir) / "steps", ignore_errors=True)
-        results[run] = launch(cache_dir, args.max_model_len)
+        results[run] = launch(cache_dir, args.max_model_len, args.quantization)
     reference = next(iter(results.values()))["tokens"]
     print("| run | first token (s) | imports (s) | engine ready (s) | same tokens |")
     print("| --- | --- | --- | --- | --- |")
