@@ -122,11 +122,13 @@ def test_prefill_and_paged_decode_match_transformers_with_the_same_quantization(
     assert_close_on_average(pairs)
 
 
-def test_quantized_model_agrees_across_tensor_parallel_sizes(checkpoint):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_quantized_model_agrees_across_parallel_layouts(checkpoint, tp, pp):
+    """Tensor parallelism splits the FP8 weights and their scales by heads (a token's input scale is then a
+    maximum over devices); pipeline stages pad the stack with FP8 identity layers (all-zero weights)."""
     path, _ = checkpoint
     logits = []
-    for tp in (1, 2):
-        mesh = make_mesh(tensor_parallel_size=tp)
+    for mesh in (make_mesh(), make_mesh(tensor_parallel_size=tp, pipeline_parallel_size=pp)):
         runner = PagedRunner(load_model(str(path), mesh=mesh, quantization="fp8").model, page_size=8, mesh=mesh)
         logits.append(runner.step(dict(PROMPTS), pad_tokens=3))
     for seq in PROMPTS:

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import Mesh
@@ -114,7 +115,23 @@ def quantize_model(model: nnx.Module, quantization: str, mesh: Mesh, rules: Shar
         jax.block_until_ready(quantized.weight[...])
         var[...].delete()
         setattr(module, name, quantized)
+    _repack(model)
     logger.info("quantized the decoder projections to %s", quantization)
+
+
+def _repack(model: nnx.Module) -> None:
+    """Move every parameter's shards to the host and back, so that they lie together again. The 16-bit weights
+    left holes between the FP8 ones, and the KV cache, one buffer, must fit in a single free block: on an 8B
+    model on an H100 about 11 GB stayed in holes, and the FP8 engine got fewer cache pages than the bfloat16 one.
+    Shard by shard, so that arrays spanning several hosts move too."""
+    state = nnx.state(model)
+    arrays, tree = jax.tree.flatten(state)
+    layouts = [(a.shape, a.sharding, [(s.device, np.asarray(s.data)) for s in a.addressable_shards]) for a in arrays]
+    for array in arrays:
+        array.delete()
+    placed = [jax.make_array_from_single_device_arrays(shape, sharding, [jax.device_put(h, d) for d, h in shards])
+              for shape, sharding, shards in layouts]
+    nnx.update(model, jax.tree.unflatten(tree, placed))
 
 
 def _quantized(var: nnx.Param, num_in: int, mesh: Mesh, rules: ShardingRules) -> Fp8Weight:
