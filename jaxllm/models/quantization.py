@@ -3,9 +3,11 @@
 The decoder layers' projections (q, k/v, o, gate/up, down) become float8_e4m3fn with one float32 scale per
 output channel; embeddings, norms, biases and the LM head stay in the model's dtype, as in vLLM. Each GEMM
 quantizes its input on the fly with one scale per token (vLLM's dynamic per-token activation scales), runs on
-8-bit operands and scales its output by both scales. On Hopper XLA sends the product to cuBLASLt's FP8 GEMM,
-which reads half the bytes of a bfloat16 weight: what bounds decode. A quantized weight is stored with its
-contracted axes last (`[*out, *in]`, PyTorch's `[out, in]`), the layout cuBLASLt's FP8 GEMMs take in place.
+8-bit operands and scales its output by both scales. A quantized weight is stored with its contracted axes last
+(`[*out, *in]`, PyTorch's `[out, in]`), the layout FP8 tensor-core GEMMs take. On one Hopper GPU the model hands
+the whole layer stacks to `pallas_kernels.fp8_gemm`, which reads each layer in place (half the bytes of a
+bfloat16 weight: what bounds decode); elsewhere XLA's FP8 GEMMs (cuBLASLt on GPUs) get each layer's slice, which
+XLA copies first on GPUs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pallas_kernels import fp8_gemm
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_METHODS = ("fp8",)
-FP8 = jnp.float8_e4m3fn
+FP8 = fp8_gemm.FP8
 FP8_MAX = float(jnp.finfo(FP8).max)
 _MIN_SCALE = 1e-12 / FP8_MAX  # the scale of an all-zero row or channel (identity layers, padding rows)
 
@@ -148,5 +150,3 @@ def _quantized(var: nnx.Param, num_in: int, mesh: Mesh, rules: ShardingRules) ->
     q, scale = jax.jit(lambda w: lax.map(lambda layer: quantize_weight(layer, num_in), w),
                        out_shardings=shardings)(value)
     return Fp8Weight(Fp8Param(q, logical_axes=q_axes), nnx.Param(scale, logical_axes=s_axes), num_in)
-
-
