@@ -22,20 +22,18 @@ import jax.numpy as jnp
 from attention import gpu_time, save_rows
 from jax import lax
 
-import jaxllm  # noqa: F401  (jaxllm's XLA flags, before JAX starts its backend)
+from jaxllm.models.quantization import FP8 as F8  # importing jaxllm sets its XLA flags before JAX's backend starts
+from jaxllm.models.quantization import FP8_MAX as F8_MAX
+from jaxllm.models.quantization import quantize
 from pallas_kernels.fp8_gemm import GemmSizes, fp8_matmul
 
-F8 = jnp.float8_e4m3fn
-F8_MAX = float(jnp.finfo(F8).max)
 # name: (K, N, stacked layers)
 SHAPES = {"qkv": (4096, 6144, 8), "o": (4096, 4096, 8), "gate_up": (4096, 28672, 4), "down": (14336, 4096, 4)}
 
 
 def quantize_rows(x: jax.Array, per_row: bool) -> tuple[jax.Array, jax.Array]:
-    """`x` as float8 and its float32 scale (one per row, or one for the tensor), so that x ~ x8 * scale."""
-    amax = jnp.max(jnp.abs(x).astype(jnp.float32), axis=-1 if per_row else None, keepdims=True)
-    scale = jnp.maximum(amax, 1e-12) / F8_MAX
-    return jnp.clip(x.astype(jnp.float32) / scale, -F8_MAX, F8_MAX).astype(F8), scale
+    """`x` as float8 and its float32 scale (one per row, or one for the tensor), as the model quantizes inputs."""
+    return quantize(x, (x.ndim - 1,) if per_row else tuple(range(x.ndim)))
 
 
 def bf16_matmul(x, w, s, i):

@@ -108,8 +108,8 @@ def check_method(quantization: str | None) -> None:
 
 def quantize_model(model: nnx.Module, quantization: str, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> None:
     """Replace the decoder projections of a loaded model by `Fp8Weight`s, in place, each made on the devices in
-    its sharding, one parameter at a time (the 16-bit one is freed as its quantized form is placed)."""
-    check_method(quantization)
+    its sharding, one parameter at a time (the 16-bit one is freed as its quantized form is placed).
+    `quantization` is a checked method (`check_method`)."""
     for (module_path, name), num_in in PROJECTIONS.items():
         module = functools.reduce(getattr, module_path, model)
         var = getattr(module, name)
