@@ -2,14 +2,16 @@
 
 Each case reads 4-8 stacked layers of one projection in a `fori_loop`, as the model's layer loop does, and
 reports the time per layer and the weight bytes per second. The fp8 variants keep the weight `[layers, N, K]`
-(the contracting dimension minor, as cuBLASLt's FP8 GEMMs want) with one float32 scale per layer, and quantize
-the activations on the fly: one scale per row (`fp8_row`) or per tensor (`fp8_tensor`) through XLA, which slices
-the layer, or one scale per row through `pallas_kernels.fp8_gemm`, which reads the layer in place (`kernel`).
+(the contracting dimension minor, as cuBLASLt's FP8 GEMMs want) with one float32 scale an output channel, as the
+model quantizes, and quantize the activations on the fly: one scale per row (`fp8_row`) or per tensor
+(`fp8_tensor`) through XLA, which slices the layer, or one scale per row through `pallas_kernels.fp8_gemm`, which
+reads the layer in place and applies both scales itself (`kernel`).
 `w8a16` converts the weight to bfloat16 before a bfloat16 GEMM. jaxllm's XLA flags apply (cuBLAS GEMMs). Each
 variant is checked at the last layer against a float32 product of its dequantized inputs, and the script prints
 which GEMMs XLA called.
 
-    python benchmarks/fp8_gemm.py [--rows 16 64 256] [--variants ...] [--splits 1 2 4] [--json out.json]
+    python benchmarks/fp8_gemm.py [--rows 16 64 256] [--variants ...] [--splits 1 2 4]
+        [--sizes tile_n=64,splits=2 ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,15 +47,20 @@ def xla_fp8_matmul(per_row: bool):
         x8, sx = quantize_rows(x, per_row)
         out = lax.dot_general(x8, lax.dynamic_index_in_dim(w, i, keepdims=False), (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
-        return (out * (sx * s[i])).astype(jnp.bfloat16)
+        return (out * sx * s[i]).astype(jnp.bfloat16)
     return run
 
 
 def kernel_matmul(sizes: GemmSizes | None = None):
     def run(x, w, s, i):
         x8, sx = quantize_rows(x, True)
-        return (fp8_matmul(x8, w, i, sizes) * (sx * s[i])).astype(jnp.bfloat16)
+        return fp8_matmul(x8, w, i, sizes, x_scale=sx, w_scale=s, out_dtype=jnp.bfloat16)
     return run
+
+
+def parse_sizes(text: str) -> GemmSizes:
+    """`GemmSizes` from `field=value,field=value` (e.g. `tile_n=64,splits=2`)."""
+    return GemmSizes(**{k: int(v) for k, v in (item.split("=") for item in text.split(","))})
 
 
 def w8a16_matmul(x, w, s, i):
@@ -81,24 +88,26 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--variants", nargs="+", default=["bf16", "fp8_row", "kernel"])
     parser.add_argument("--splits", type=int, nargs="*", default=[], help="kernel variants with these K splits")
+    parser.add_argument("--sizes", nargs="*", default=[], help="kernel variants with these GemmSizes, e.g. "
+                        "tile_n=64,splits=2")
     parser.add_argument("--json")
     args = parser.parse_args()
     every = {"bf16": bf16_matmul, "fp8_row": xla_fp8_matmul(True), "fp8_tensor": xla_fp8_matmul(False),
              "kernel": kernel_matmul(), "w8a16": w8a16_matmul}
     variants = {name: every[name] for name in args.variants}
     variants.update({f"kernel_s{n}": kernel_matmul(GemmSizes(splits=n)) for n in args.splits})
+    variants.update({f"kernel[{text}]": kernel_matmul(parse_sizes(text)) for text in args.sizes})
     rows_out = []
     for name in args.shapes:
         k, n, layers = SHAPES[name]
         key = jax.random.key(hash(name) % 1000)
         w16 = jax.random.normal(key, (layers, k, n), jnp.bfloat16) * 0.02
-        amax = jnp.max(jnp.abs(w16.astype(jnp.float32)), axis=(1, 2))
-        s = amax / F8_MAX
-        w8 = jnp.clip(jnp.swapaxes(w16, 1, 2).astype(jnp.float32) / s[:, None, None], -F8_MAX, F8_MAX).astype(F8)
+        s = jnp.max(jnp.abs(w16.astype(jnp.float32)), axis=1) / F8_MAX  # one scale an output channel: [layers, N]
+        w8 = jnp.clip(jnp.swapaxes(w16, 1, 2).astype(jnp.float32) / s[:, :, None], -F8_MAX, F8_MAX).astype(F8)
         for rows in args.rows:
             x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.bfloat16)
             last = layers - 1  # checked at the last layer: a kernel reading the wrong layer fails
-            ref = jnp.dot(x.astype(jnp.float32), (w8[last].astype(jnp.float32) * s[last]).T)
+            ref = jnp.dot(x.astype(jnp.float32), (w8[last].astype(jnp.float32) * s[last][:, None]).T)
             ref16 = jnp.dot(x.astype(jnp.float32), w16[last].astype(jnp.float32))
             for vname, matmul in variants.items():
                 w = w16 if vname == "bf16" else w8

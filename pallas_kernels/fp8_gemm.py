@@ -51,8 +51,8 @@ class GemmSizes:
 
 @dataclasses.dataclass(frozen=True)
 class _Shapes:
-    rows: int  # x's rows, padded to a multiple of 64
-    out_rows: int  # the output rows written: x's rows, padded to 8
+    rows: int  # the wgmma's rows: x's, padded to a multiple of 64
+    out_rows: int  # x's rows padded to 8: the rows loaded and written
     k: int
     n: int
     tile_n: int
@@ -64,6 +64,11 @@ class _Shapes:
         """K steps of one block."""
         return self.k // self.splits // _TILE_K
 
+    @property
+    def scale_rows(self) -> int:
+        """x's row scales as copied: a multiple of 32 float32s (Mosaic's copies move a multiple of 128 bytes)."""
+        return -(-self.out_rows // 32) * 32
+
 
 def supported(rows: int, w_shape: tuple[int, ...]) -> bool:
     """Whether `fp8_matmul` takes a `[rows, K]` input and a stacked `[L, N, K]` weight: at most MAX_ROWS rows,
@@ -72,17 +77,40 @@ def supported(rows: int, w_shape: tuple[int, ...]) -> bool:
     return rows <= MAX_ROWS and k % _TILE_K == 0 and n % 64 == 0
 
 
-def fp8_matmul(xq: jax.Array, w: jax.Array, layer, sizes: GemmSizes | None = None) -> jax.Array:
-    """`xq [T, K] @ w[layer]^T` for float8 operands and a stacked weight `w [L, N, K]`: `[T, N]` float32."""
-    if xq.dtype != FP8 or w.dtype != FP8 or not supported(xq.shape[0], w.shape) or xq.shape[1] != w.shape[2]:
+def padded_rows(t: int) -> int:
+    """The rows of x the kernel reads for `t` rows: the next multiple of 8 (one TMA tile). Padding x to this before
+    quantizing it lets XLA pad it in the quantization's own kernels. In shared memory the rows are the wgmma's M (a
+    multiple of 64); those past x's are never loaded, and their products are never written."""
+    return -(-t // _TMA_ROWS) * _TMA_ROWS
+
+
+def fp8_matmul(xq: jax.Array, w: jax.Array, layer, sizes: GemmSizes | None = None, *, x_scale: jax.Array | None = None,
+               w_scale: jax.Array | None = None, out_dtype=jnp.float32, num_rows: int | None = None) -> jax.Array:
+    """`(xq [T, K] * x_scale) @ (w[layer] * w_scale[layer])^T` for float8 operands and a stacked weight `w [L, N, K]`:
+    `[num_rows, N]` in `out_dtype`. The float32 scales (one a row of x, `[T]` or `[T, 1]`; one an output channel of
+    each layer, `[L, N]`; None: 1) are applied by the kernel, so that with one K split it writes `out_dtype` itself;
+    with more, XLA sums the splits' float32 partials. `num_rows` (default T): x's own rows, the ones computed and
+    returned; rows past them are padding (see `padded_rows`)."""
+    t = xq.shape[0] if num_rows is None else num_rows
+    if (xq.dtype != FP8 or w.dtype != FP8 or not supported(t, w.shape) or xq.shape[1] != w.shape[2]
+            or not t <= xq.shape[0] <= padded_rows(t)):
         raise NotImplementedError(f"fp8_matmul needs float8_e4m3fn x [T <= {MAX_ROWS}, K] and w [L, N, K] with K a "
                                   f"multiple of {_TILE_K} and N of 64, got {xq.shape} {xq.dtype} and {w.shape} "
-                                  f"{w.dtype}")
-    shapes = _plan(xq.shape[0], w.shape[2], w.shape[1], sizes or GemmSizes())
-    rows = jnp.pad(xq, ((0, shapes.rows - xq.shape[0]), (0, 0))) if shapes.rows != xq.shape[0] else xq
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    partials = _call_kernel(layer, rows, w, shapes)  # [splits, out_rows, N]
-    return partials[:, : xq.shape[0]].sum(axis=0)
+                                  f"{w.dtype} ({t} rows of x)")
+    x_scale = (jnp.ones((xq.shape[0],), jnp.float32) if x_scale is None
+               else x_scale.reshape(xq.shape[0]).astype(jnp.float32))
+    w_scale = jnp.ones(w.shape[:2], jnp.float32) if w_scale is None else w_scale.astype(jnp.float32)
+    if w_scale.shape != w.shape[:2]:
+        raise ValueError(f"fp8_matmul: w_scale must be [L, N] = {w.shape[:2]}, got {w_scale.shape}")
+    shapes = _plan(t, w.shape[2], w.shape[1], sizes or GemmSizes())
+    if xq.shape[0] != shapes.out_rows:
+        xq = jnp.pad(xq, ((0, shapes.out_rows - xq.shape[0]), (0, 0)))
+    x_scale = jnp.pad(x_scale, (0, shapes.scale_rows - x_scale.shape[0]))
+    written = jnp.dtype(out_dtype) if shapes.splits == 1 else jnp.dtype(jnp.float32)
+    partials = _call_kernel(jnp.asarray(layer, jnp.int32).reshape(1), xq, x_scale, w, w_scale, shapes, written)
+    if shapes.splits == 1:
+        return partials[0, :t]
+    return partials[:, :t].sum(axis=0).astype(out_dtype)
 
 
 def _plan(t: int, k: int, n: int, sizes: GemmSizes) -> _Shapes:
@@ -98,7 +126,7 @@ def _plan(t: int, k: int, n: int, sizes: GemmSizes) -> _Shapes:
     stages = max(1, min(sizes.num_stages, k_steps // splits))
     while stages > 2 and stages * (tile_n + rows) * _TILE_K + tile_n * rows * 4 > _SMEM_BUDGET:
         stages -= 1
-    return _Shapes(rows, -(-t // _TMA_ROWS) * _TMA_ROWS, k, n, tile_n, stages, splits)
+    return _Shapes(rows, padded_rows(t), k, n, tile_n, stages, splits)
 
 
 def _fill_splits(col_blocks: int, k_steps: int) -> int:
@@ -111,23 +139,27 @@ def _fill_splits(col_blocks: int, k_steps: int) -> int:
     return k_steps
 
 
-def _call_kernel(layer, x, w, shapes: _Shapes) -> jax.Array:
+def _call_kernel(layer, x, x_scale, w, w_scale, shapes: _Shapes, out_dtype) -> jax.Array:
     scratch = [
         plgpu.SMEM((shapes.num_stages, shapes.tile_n, _TILE_K), FP8, transforms=_transforms(FP8, _TILE_K)),
         plgpu.SMEM((shapes.num_stages, shapes.rows, _TILE_K), FP8, transforms=_transforms(FP8, _TILE_K)),
-        plgpu.SMEM((shapes.rows, shapes.tile_n), jnp.float32, transforms=_transforms(jnp.float32, shapes.tile_n)),
+        plgpu.SMEM((shapes.rows,), jnp.float32),
+        plgpu.SMEM((shapes.tile_n,), jnp.float32),
+        plgpu.SMEM((shapes.rows, shapes.tile_n), out_dtype, transforms=_transforms(out_dtype, shapes.tile_n)),
         plgpu.Barrier(num_arrivals=2, num_barriers=shapes.num_stages),
+        plgpu.Barrier(num_arrivals=2),
     ]
     with _interpret_off_gpu():
         return plgpu.kernel(
             functools.partial(_kernel, shapes=shapes),
-            out_type=jax.ShapeDtypeStruct((shapes.splits, shapes.out_rows, shapes.n), jnp.float32),
+            out_type=jax.ShapeDtypeStruct((shapes.splits, shapes.out_rows, shapes.n), out_dtype),
             scratch_types=scratch, grid=(shapes.n // shapes.tile_n, shapes.splits), grid_names=("cols", "splits"),
             compiler_params=_COMPILER_PARAMS,
-        )(layer, x, w)
+        )(layer, x, x_scale, w, w_scale)
 
 
-def _kernel(layer_ref, x_ref, w_ref, out_ref, w_smem, x_smem, out_smem, barriers, *, shapes: _Shapes):
+def _kernel(layer_ref, x_ref, x_scale_ref, w_ref, w_scale_ref, out_ref, w_smem, x_smem, x_scale_smem, w_scale_smem,
+            out_smem, barriers, scale_barrier, *, shapes: _Shapes):
     col, part = lax.axis_index("cols"), lax.axis_index("splits")
     first_step = part * shapes.steps
     cols = pl.ds(col * shapes.tile_n, shapes.tile_n)
@@ -137,16 +169,20 @@ def _kernel(layer_ref, x_ref, w_ref, out_ref, w_smem, x_smem, out_smem, barriers
         stage = lax.rem(step, shapes.num_stages)
         ks = pl.ds((first_step + step) * _TILE_K, _TILE_K)
         plgpu.copy_gmem_to_smem(w_ref.at[layer, cols, ks], w_smem.at[stage], barriers.at[stage])
-        plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[stage], barriers.at[stage])
+        plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[stage, pl.ds(0, shapes.out_rows)], barriers.at[stage])
 
     for step in range(min(shapes.num_stages, shapes.steps)):
         fetch(step)
+    plgpu.copy_gmem_to_smem(x_scale_ref, x_scale_smem.at[pl.ds(0, shapes.scale_rows)], scale_barrier)
+    plgpu.copy_gmem_to_smem(w_scale_ref.at[layer, cols], w_scale_smem, scale_barrier)
 
     def accumulate(acc_ref):
         def step(j, carry):
             stage = lax.rem(j, shapes.num_stages)
             plgpu.barrier_wait(barriers.at[stage])
             plgpu.wgmma(acc_ref, x_smem.at[stage], w_smem.at[stage].transpose((1, 0)))
+            # Waiting here, not one step later: leaving one or two wgmmas running was 10% and 77% slower at 256
+            # rows on an H100 (gate/up 98.0 and 157.0 against 88.8 us; `benchmarks/fp8_gemm.py`).
             plgpu.wgmma_wait(0)
             pl.when(j + shapes.num_stages < shapes.steps)(lambda: fetch(j + shapes.num_stages))
             return carry
@@ -154,7 +190,13 @@ def _kernel(layer_ref, x_ref, w_ref, out_ref, w_smem, x_smem, out_smem, barriers
         lax.fori_loop(0, shapes.steps, step, 0)
         return acc_ref[...]
 
-    out_smem[...] = pl.run_scoped(accumulate, plgpu.ACC((shapes.rows, shapes.tile_n), jnp.float32))
+    acc = pl.run_scoped(accumulate, plgpu.ACC((shapes.rows, shapes.tile_n), jnp.float32))
+    plgpu.barrier_wait(scale_barrier)
+    wgmma = plgpu.Layout.WGMMA
+    row_scale = plgpu.load(x_scale_smem, layout=wgmma.reduce(1), optimized=False)
+    col_scale = plgpu.load(w_scale_smem, layout=wgmma.reduce(0), optimized=False)
+    acc = acc * lax.broadcast_in_dim(row_scale, acc.shape, [0]) * lax.broadcast_in_dim(col_scale, acc.shape, [1])
+    out_smem[...] = acc.astype(out_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, shapes.out_rows)], out_ref.at[part, :, cols])
     plgpu.wait_smem_to_gmem(0)

@@ -34,6 +34,23 @@ def test_matches_a_float64_product_of_the_chosen_layer(rows, k, n, layer, sizes)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("splits,out_dtype,num_rows", [(1, jnp.bfloat16, 40), (2, jnp.bfloat16, 40),
+                                                        (1, jnp.float32, 40), (2, jnp.float32, 37)])
+def test_scales_are_applied_and_the_output_has_the_asked_dtype(splits, out_dtype, num_rows):
+    """x's rows given as they are, or already padded to 8 (with rows that are not zero: they must not show)."""
+    kx, kw, ks = jax.random.split(jax.random.key(splits), 3)
+    x, w = random_fp8(kx, (40, 512)), random_fp8(kw, (3, 192, 512))
+    x_scale = jax.random.uniform(ks, (40, 1), minval=1e-3, maxval=2.0)
+    w_scale = jax.random.uniform(jax.random.fold_in(ks, 1), (3, 192), minval=1e-4, maxval=1e-2)
+    out = fp8_matmul(x, w, jnp.int32(1), GemmSizes(tile_n=64, splits=splits), x_scale=x_scale, w_scale=w_scale,
+                     out_dtype=out_dtype, num_rows=num_rows)
+    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    expected = (f64(x[:num_rows]) * f64(x_scale[:num_rows])) @ (f64(w[1]) * f64(w_scale[1])[:, None]).T
+    assert out.shape == (num_rows, 192) and out.dtype == out_dtype
+    rtol = 1e-5 if out_dtype == jnp.float32 else 2 ** -8
+    np.testing.assert_allclose(f64(out), expected, rtol=rtol, atol=rtol * np.abs(expected).max() * 1e-2)
+
+
 @pytest.mark.parametrize("x_shape,w_shape,dtype,match", [
     ((257, 128), (1, 64, 128), FP8, "T <= 256"),
     ((4, 192), (1, 64, 192), FP8, "K a multiple of 128"),
@@ -42,6 +59,16 @@ def test_matches_a_float64_product_of_the_chosen_layer(rows, k, n, layer, sizes)
 def test_unsupported_operands_are_refused_with_a_clear_error(x_shape, w_shape, dtype, match):
     with pytest.raises(NotImplementedError, match=match):
         fp8_matmul(jnp.zeros(x_shape, dtype), jnp.zeros(w_shape, FP8), 0)
+
+
+def test_more_padding_than_the_kernel_takes_is_refused():
+    with pytest.raises(NotImplementedError, match=r"\(4 rows of x\)"):
+        fp8_matmul(jnp.zeros((128, 128), FP8), jnp.zeros((1, 64, 128), FP8), 0, num_rows=4)
+
+
+def test_scales_of_another_shape_are_refused():
+    with pytest.raises(ValueError, match=r"w_scale must be \[L, N\] = \(2, 64\)"):
+        fp8_matmul(jnp.zeros((4, 128), FP8), jnp.zeros((2, 64, 128), FP8), 0, w_scale=jnp.ones((2, 128)))
 
 
 def test_splits_that_do_not_divide_k_are_refused():

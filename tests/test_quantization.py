@@ -161,8 +161,8 @@ def test_unknown_quantization_is_refused_by_name():
 
 
 def test_one_gpu_hands_fp8_gemm_each_stacked_weight_whole(tmp_path):
-    """With the Mosaic GPU kernels on one device, every FP8 weight enters the layer loop whole and reaches
-    `fp8_gemm` with the loop's counter, never through a dynamic slice (XLA copies a slice before its own FP8
+    """With the Mosaic GPU kernels on one device, every FP8 weight and its scales enter the layer loop whole and
+    reach `fp8_gemm` with the loop's counter, never through a dynamic slice (XLA copies a slice before its own FP8
     GEMMs: 4.8 ms a batch-1 token at Llama-3.1-8B shape on an H100); the logits are those of XLA's GEMMs."""
     make_tiny("llama", tmp_path, hidden_size=128, intermediate_size=256, head_dim=64)
     model = load_model(str(tmp_path), attention_backend="pallas_gpu", quantization="fp8").model
@@ -173,13 +173,22 @@ def test_one_gpu_hands_fp8_gemm_each_stacked_weight_whole(tmp_path):
         jnp.zeros(4, jnp.int32), jnp.arange(4), cache, md).jaxpr
     (loop,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while"]
     body = loop.params["body_jaxpr"].jaxpr
+
+    def uses(var):  # what reads `var`, through reshapes; a nested jit that slices (`dynamic_index_in_dim`) as a slice
+        found = [eqn for eqn in body.eqns if var in eqn.invars]
+        while found and found[0].primitive.name == "reshape":
+            found = [eqn for eqn in body.eqns if found[0].outvars[0] in eqn.invars]
+        slices = {"dynamic_slice", "gather", "slice"}
+        return ["dynamic_slice" if eqn.primitive.name == "jit" and
+                slices & {inner.primitive.name for inner in eqn.params["jaxpr"].jaxpr.eqns}
+                else eqn.primitive.name for eqn in found]
+
     stacks = [v for v in body.invars if v.aval.dtype == jnp.float8_e4m3fn]
     assert len(stacks) == 5 and all(v.aval.shape[0] == 3 for v in stacks)
     for stack in stacks:
-        uses = [eqn for eqn in body.eqns if stack in eqn.invars]
-        while uses and uses[0].primitive.name == "reshape":
-            uses = [eqn for eqn in body.eqns if uses[0].outvars[0] in eqn.invars]
-        assert len(uses) == 1 and uses[0].primitive.name not in ("dynamic_slice", "gather", "slice"), uses
+        assert len(uses(stack)) == 1 and uses(stack)[0] not in ("dynamic_slice", "gather", "slice"), uses(stack)
+    sliced = [v for v in body.invars if uses(v) == ["dynamic_slice"]]
+    assert len(sliced) == 2, sliced  # the two norm weights: the scales of the FP8 weights reach the kernel whole
 
     streamed = PagedRunner(model, page_size=8).step(dict(PROMPTS), pad_tokens=5)
     with mock.patch.object(type(model), "_streams_fp8", return_value=False):

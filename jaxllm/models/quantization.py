@@ -44,8 +44,8 @@ PROJECTIONS = {
 
 
 class Fp8Param(nnx.Param):
-    """A float8 projection weight: the layer loop can hand these over whole, for `fp8_gemm` to read one layer of
-    in place."""
+    """A float8 projection weight or its scales: the layer loop can hand these over whole, for `fp8_gemm` to read
+    one layer of in place."""
 
 
 class Fp8Weight(nnx.Module):
@@ -61,7 +61,10 @@ class Fp8Weight(nnx.Module):
 def quantize(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """`x` in float8_e4m3fn and float32 scales (the amax over `axes` / 448, kept as size-1 axes): x ~ q * s."""
     x32 = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=axes, keepdims=True) / FP8_MAX, _MIN_SCALE)
+    # One reduction whose initial value is the smallest scale: the scale comes out of the reduction's own kernel
+    # (max(|x| / 448) is max(|x|) / 448 exactly: the rounded division is monotonic).
+    scale = lax.reduce(jnp.abs(x32) / FP8_MAX, np.float32(_MIN_SCALE), lax.max, axes)
+    scale = lax.expand_dims(scale, axes)
     return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
@@ -76,19 +79,31 @@ def quantize_weight(w: jax.Array, num_in: int) -> tuple[jax.Array, jax.Array]:
 
 def fp8_linear(x: jax.Array, w: Fp8Weight, layer: jax.Array | None = None) -> jax.Array:
     """`x [T, *in] @ w -> [T, *out]` in x's dtype: x quantized per token, an 8-bit GEMM, both scales after.
-    With `layer`, `w.weight` is the whole layer stack and `fp8_gemm` reads that layer of it in place."""
-    n, out_shape = w.num_in, w.scale.shape
+    With `layer`, `w.weight` and `w.scale` are the whole layer stacks and `fp8_gemm` reads that layer of them in
+    place, applying the scales itself."""
+    if layer is not None:
+        return _streamed_fp8_linear(x, w, layer)
+    n = w.num_in
     x_axes = tuple(range(x.ndim - n, x.ndim))
     xq, x_scale = quantize(x, x_axes)
-    if layer is None:
-        product = lax.dot_general(xq, w.weight[...], ((x_axes, tuple(range(len(out_shape), w.weight.ndim))), ((), ())),
-                                  preferred_element_type=x.dtype)
-    else:
-        stack = w.weight[...]
-        stack = stack.reshape(stack.shape[0], math.prod(out_shape), -1)
-        product = fp8_gemm.fp8_matmul(xq.reshape(x.shape[0], -1), stack, layer).reshape(x.shape[:1] + out_shape)
+    out_shape = w.scale.shape
+    product = lax.dot_general(xq, w.weight[...], ((x_axes, tuple(range(len(out_shape), w.weight.ndim))), ((), ())),
+                              preferred_element_type=x.dtype)
     x_scale = x_scale.reshape(x.shape[:-n] + (1,) * len(out_shape))
     return (product.astype(jnp.float32) * x_scale * w.scale[...]).astype(x.dtype)
+
+
+def _streamed_fp8_linear(x: jax.Array, w: Fp8Weight, layer: jax.Array) -> jax.Array:
+    """`fp8_linear` through `fp8_gemm`, reading `layer` of the whole stacks. x is padded to the kernel's rows
+    before it is quantized, so that XLA pads it in the quantization's own kernels."""
+    stack, scales = w.weight[...], w.scale[...]
+    out_shape = scales.shape[1:]
+    rows = x.reshape(x.shape[0], -1)
+    xq, x_scale = quantize(jnp.pad(rows, ((0, fp8_gemm.padded_rows(x.shape[0]) - x.shape[0]), (0, 0))), (1,))
+    product = fp8_gemm.fp8_matmul(xq, stack.reshape(stack.shape[0], math.prod(out_shape), -1), layer,
+                                  x_scale=x_scale, w_scale=scales.reshape(scales.shape[0], -1), out_dtype=x.dtype,
+                                  num_rows=x.shape[0])
+    return product.reshape(x.shape[:1] + out_shape)
 
 
 def streams_in_place(stacked: list[Fp8Weight], rows: int) -> bool:
@@ -149,4 +164,4 @@ def _quantized(var: nnx.Param, num_in: int, mesh: Mesh, rules: ShardingRules) ->
                                                                               rules))
     q, scale = jax.jit(lambda w: lax.map(lambda layer: quantize_weight(layer, num_in), w),
                        out_shardings=shardings)(value)
-    return Fp8Weight(Fp8Param(q, logical_axes=q_axes), nnx.Param(scale, logical_axes=s_axes), num_in)
+    return Fp8Weight(Fp8Param(q, logical_axes=q_axes), Fp8Param(scale, logical_axes=s_axes), num_in)
