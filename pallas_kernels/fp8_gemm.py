@@ -52,7 +52,8 @@ class GemmSizes:
 @dataclasses.dataclass(frozen=True)
 class _Shapes:
     rows: int  # the wgmma's rows: x's, padded to a multiple of 64
-    out_rows: int  # x's rows padded to 8: the rows loaded and written
+    in_rows: int  # the rows of x and of its scales loaded: `padded_rows`
+    out_rows: int  # the output rows written: x's rows padded to 8 (one TMA tile)
     k: int
     n: int
     tile_n: int
@@ -64,11 +65,6 @@ class _Shapes:
         """K steps of one block."""
         return self.k // self.splits // _TILE_K
 
-    @property
-    def scale_rows(self) -> int:
-        """x's row scales as copied: a multiple of 32 float32s (Mosaic's copies move a multiple of 128 bytes)."""
-        return -(-self.out_rows // 32) * 32
-
 
 def supported(rows: int, w_shape: tuple[int, ...]) -> bool:
     """Whether `fp8_matmul` takes a `[rows, K]` input and a stacked `[L, N, K]` weight: at most MAX_ROWS rows,
@@ -78,10 +74,11 @@ def supported(rows: int, w_shape: tuple[int, ...]) -> bool:
 
 
 def padded_rows(t: int) -> int:
-    """The rows of x the kernel reads for `t` rows: the next multiple of 8 (one TMA tile). Padding x to this before
-    quantizing it lets XLA pad it in the quantization's own kernels. In shared memory the rows are the wgmma's M (a
-    multiple of 64); those past x's are never loaded, and their products are never written."""
-    return -(-t // _TMA_ROWS) * _TMA_ROWS
+    """The rows of x (and of its scales) the kernel reads for `t` rows: the next multiple of 32 (Mosaic's copies
+    move a multiple of 128 bytes, 32 float32 scales). Padding x to this before quantizing it lets XLA pad it in the
+    quantization's own kernels (padding the scales after cost a kernel per GEMM). In shared memory the rows are the
+    wgmma's M (a multiple of 64); those past x's padded rows are never loaded, and their products never written."""
+    return -(-t // 32) * 32
 
 
 def fp8_matmul(xq: jax.Array, w: jax.Array, layer, sizes: GemmSizes | None = None, *, x_scale: jax.Array | None = None,
@@ -103,9 +100,9 @@ def fp8_matmul(xq: jax.Array, w: jax.Array, layer, sizes: GemmSizes | None = Non
     if w_scale.shape != w.shape[:2]:
         raise ValueError(f"fp8_matmul: w_scale must be [L, N] = {w.shape[:2]}, got {w_scale.shape}")
     shapes = _plan(t, w.shape[2], w.shape[1], sizes or GemmSizes())
-    if xq.shape[0] != shapes.out_rows:
-        xq = jnp.pad(xq, ((0, shapes.out_rows - xq.shape[0]), (0, 0)))
-    x_scale = jnp.pad(x_scale, (0, shapes.scale_rows - x_scale.shape[0]))
+    if xq.shape[0] != shapes.in_rows:
+        pad = shapes.in_rows - xq.shape[0]
+        xq, x_scale = jnp.pad(xq, ((0, pad), (0, 0))), jnp.pad(x_scale, (0, pad))
     written = jnp.dtype(out_dtype) if shapes.splits == 1 else jnp.dtype(jnp.float32)
     partials = _call_kernel(jnp.asarray(layer, jnp.int32).reshape(1), xq, x_scale, w, w_scale, shapes, written)
     if shapes.splits == 1:
@@ -126,7 +123,7 @@ def _plan(t: int, k: int, n: int, sizes: GemmSizes) -> _Shapes:
     stages = max(1, min(sizes.num_stages, k_steps // splits))
     while stages > 2 and stages * (tile_n + rows) * _TILE_K + tile_n * rows * 4 > _SMEM_BUDGET:
         stages -= 1
-    return _Shapes(rows, padded_rows(t), k, n, tile_n, stages, splits)
+    return _Shapes(rows, padded_rows(t), -(-t // _TMA_ROWS) * _TMA_ROWS, k, n, tile_n, stages, splits)
 
 
 def _fill_splits(col_blocks: int, k_steps: int) -> int:
@@ -169,11 +166,11 @@ def _kernel(layer_ref, x_ref, x_scale_ref, w_ref, w_scale_ref, out_ref, w_smem, 
         stage = lax.rem(step, shapes.num_stages)
         ks = pl.ds((first_step + step) * _TILE_K, _TILE_K)
         plgpu.copy_gmem_to_smem(w_ref.at[layer, cols, ks], w_smem.at[stage], barriers.at[stage])
-        plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[stage, pl.ds(0, shapes.out_rows)], barriers.at[stage])
+        plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[stage, pl.ds(0, shapes.in_rows)], barriers.at[stage])
 
     for step in range(min(shapes.num_stages, shapes.steps)):
         fetch(step)
-    plgpu.copy_gmem_to_smem(x_scale_ref, x_scale_smem.at[pl.ds(0, shapes.scale_rows)], scale_barrier)
+    plgpu.copy_gmem_to_smem(x_scale_ref, x_scale_smem.at[pl.ds(0, shapes.in_rows)], scale_barrier)
     plgpu.copy_gmem_to_smem(w_scale_ref.at[layer, cols], w_scale_smem, scale_barrier)
 
     def accumulate(acc_ref):

@@ -37,7 +37,7 @@ def test_matches_a_float64_product_of_the_chosen_layer(rows, k, n, layer, sizes)
 @pytest.mark.parametrize("splits,out_dtype,num_rows", [(1, jnp.bfloat16, 40), (2, jnp.bfloat16, 40),
                                                         (1, jnp.float32, 40), (2, jnp.float32, 37)])
 def test_scales_are_applied_and_the_output_has_the_asked_dtype(splits, out_dtype, num_rows):
-    """x's rows given as they are, or already padded to 8 (with rows that are not zero: they must not show)."""
+    """x's rows given as they are, or already padded (with rows that are not zero: they must not show)."""
     kx, kw, ks = jax.random.split(jax.random.key(splits), 3)
     x, w = random_fp8(kx, (40, 512)), random_fp8(kw, (3, 192, 512))
     x_scale = jax.random.uniform(ks, (40, 1), minval=1e-3, maxval=2.0)
