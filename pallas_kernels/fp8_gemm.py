@@ -42,11 +42,13 @@ FP8 = jnp.float8_e4m3fn
 
 @dataclasses.dataclass(frozen=True)
 class GemmSizes:
-    """Output channels per block, steps in flight, and K ranges (None: about one block an SM)."""
+    """Output channels per block, steps in flight, K ranges (None: about one block an SM), and consumer warpgroups
+    (None: `_warpgroups`)."""
 
     tile_n: int = 128
     num_stages: int = 4
     splits: int | None = None
+    warpgroups: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,12 @@ class _Shapes:
     tile_n: int
     num_stages: int
     splits: int
+    warpgroups: int
+
+    @property
+    def wg_rows(self) -> int:
+        """The rows of one warpgroup's accumulator."""
+        return self.rows // self.warpgroups
 
     @property
     def steps(self) -> int:
@@ -112,18 +120,28 @@ def fp8_matmul(xq: jax.Array, w: jax.Array, layer, sizes: GemmSizes | None = Non
 
 def _plan(t: int, k: int, n: int, sizes: GemmSizes) -> _Shapes:
     """Tiles that divide the operands and fit the registers, and splits of K that give every SM a block."""
-    rows = -(-t // _WGMMA_M) * _WGMMA_M
-    tile_n = min(sizes.tile_n, n, 64 if rows > 128 else n)  # the accumulator, rows x tile_n float32, in registers
+    k_steps = k // _TILE_K
+    warpgroups = sizes.warpgroups or _warpgroups(t, n, k_steps)
+    rows = warpgroups * -(-t // (warpgroups * _WGMMA_M)) * _WGMMA_M
+    # A warpgroup's accumulator, wg_rows x tile_n float32, lives in its registers: at most 128 x 128.
+    tile_n = min(sizes.tile_n, n, 64 if rows // warpgroups > 128 else n)
     if n % tile_n:
         tile_n = 64
-    k_steps = k // _TILE_K
     splits = sizes.splits or _fill_splits(n // tile_n, k_steps)
     if k_steps % splits:
         raise ValueError(f"fp8_matmul: {splits} splits do not divide {k_steps} K steps of {_TILE_K}")
-    stages = max(1, min(sizes.num_stages, k_steps // splits))
-    while stages > 2 and stages * (tile_n + rows) * _TILE_K + tile_n * rows * 4 > _SMEM_BUDGET:
-        stages -= 1
-    return _Shapes(rows, padded_rows(t), -(-t // _TMA_ROWS) * _TMA_ROWS, k, n, tile_n, stages, splits)
+    # The stages and the output tile take turns in shared memory (two scopes).
+    stages = max(1, min(sizes.num_stages, k_steps // splits, _SMEM_BUDGET // ((tile_n + rows) * _TILE_K)))
+    return _Shapes(rows, padded_rows(t), -(-t // _TMA_ROWS) * _TMA_ROWS, k, n, tile_n, stages, splits, warpgroups)
+
+
+def _warpgroups(t: int, n: int, k_steps: int) -> int:
+    """Two consumer warpgroups, each with half of x's rows and 128-channel tiles, for more than 128 rows of a
+    projection wide enough that those tiles alone give about one block an SM; else one (at most 128 rows, or 64-
+    channel tiles with K splits). At 256 rows on an H100 (`benchmarks/fp8_gemm.py --sizes warpgroups=1 ...`) two
+    took gate/up from 78.5 to 64.9 us; q/k/v, o and down, which need K splits at 128 channels, were 1-3 us slower."""
+    wide = n % 128 == 0 and _fill_splits(n // 128, k_steps) == 1
+    return 2 if t > 2 * _WGMMA_M and wide else 1
 
 
 def _fill_splits(col_blocks: int, k_steps: int) -> int:
@@ -138,62 +156,92 @@ def _fill_splits(col_blocks: int, k_steps: int) -> int:
 
 def _call_kernel(layer, x, x_scale, w, w_scale, shapes: _Shapes, out_dtype) -> jax.Array:
     scratch = [
-        plgpu.SMEM((shapes.num_stages, shapes.tile_n, _TILE_K), FP8, transforms=_transforms(FP8, _TILE_K)),
-        plgpu.SMEM((shapes.num_stages, shapes.rows, _TILE_K), FP8, transforms=_transforms(FP8, _TILE_K)),
         plgpu.SMEM((shapes.rows,), jnp.float32),
         plgpu.SMEM((shapes.tile_n,), jnp.float32),
-        plgpu.SMEM((shapes.rows, shapes.tile_n), out_dtype, transforms=_transforms(out_dtype, shapes.tile_n)),
-        plgpu.Barrier(num_arrivals=2, num_barriers=shapes.num_stages),
         plgpu.Barrier(num_arrivals=2),
     ]
     with _interpret_off_gpu():
         return plgpu.kernel(
-            functools.partial(_kernel, shapes=shapes),
+            functools.partial(_kernel, shapes=shapes, out_dtype=out_dtype),
             out_type=jax.ShapeDtypeStruct((shapes.splits, shapes.out_rows, shapes.n), out_dtype),
             scratch_types=scratch, grid=(shapes.n // shapes.tile_n, shapes.splits), grid_names=("cols", "splits"),
-            compiler_params=_COMPILER_PARAMS,
+            num_threads=shapes.warpgroups, thread_name="wg", compiler_params=_COMPILER_PARAMS,
         )(layer, x, x_scale, w, w_scale)
 
 
-def _kernel(layer_ref, x_ref, x_scale_ref, w_ref, w_scale_ref, out_ref, w_smem, x_smem, x_scale_smem, w_scale_smem,
-            out_smem, barriers, scale_barrier, *, shapes: _Shapes):
-    col, part = lax.axis_index("cols"), lax.axis_index("splits")
+def _kernel(layer_ref, x_ref, x_scale_ref, w_ref, w_scale_ref, out_ref, x_scale_smem, w_scale_smem, scale_barrier, *,
+            shapes: _Shapes, out_dtype):
+    """Warpgroup 0 issues every copy; each warpgroup multiplies its own rows of x by the whole weight tile. With
+    two, a stage is refilled once both have finished with it (`consumed`)."""
+    col, part, wg = lax.axis_index("cols"), lax.axis_index("splits"), lax.axis_index("wg")
     first_step = part * shapes.steps
     cols = pl.ds(col * shapes.tile_n, shapes.tile_n)
     layer = layer_ref[0]
+    two = shapes.warpgroups > 1
 
-    def fetch(step):
-        stage = lax.rem(step, shapes.num_stages)
-        ks = pl.ds((first_step + step) * _TILE_K, _TILE_K)
-        plgpu.copy_gmem_to_smem(w_ref.at[layer, cols, ks], w_smem.at[stage], barriers.at[stage])
-        plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[stage, pl.ds(0, shapes.in_rows)], barriers.at[stage])
+    def pipeline(w_smem, x_smem, loaded, consumed):
+        def fetch(step):
+            stage = lax.rem(step, shapes.num_stages)
+            ks = pl.ds((first_step + step) * _TILE_K, _TILE_K)
+            plgpu.copy_gmem_to_smem(w_ref.at[layer, cols, ks], w_smem.at[stage], loaded.at[stage])
+            plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[stage, pl.ds(0, shapes.in_rows)], loaded.at[stage])
 
-    for step in range(min(shapes.num_stages, shapes.steps)):
-        fetch(step)
-    plgpu.copy_gmem_to_smem(x_scale_ref, x_scale_smem.at[pl.ds(0, shapes.in_rows)], scale_barrier)
-    plgpu.copy_gmem_to_smem(w_scale_ref.at[layer, cols], w_scale_smem, scale_barrier)
+        @pl.when(wg == 0)
+        def _prologue():
+            for step in range(min(shapes.num_stages, shapes.steps)):
+                fetch(step)
+            plgpu.copy_gmem_to_smem(x_scale_ref, x_scale_smem.at[pl.ds(0, shapes.in_rows)], scale_barrier)
+            plgpu.copy_gmem_to_smem(w_scale_ref.at[layer, cols], w_scale_smem, scale_barrier)
 
-    def accumulate(acc_ref):
-        def step(j, carry):
-            stage = lax.rem(j, shapes.num_stages)
-            plgpu.barrier_wait(barriers.at[stage])
-            plgpu.wgmma(acc_ref, x_smem.at[stage], w_smem.at[stage].transpose((1, 0)))
-            # Waiting here, not one step later: leaving one or two wgmmas running was 10% and 77% slower at 256
-            # rows on an H100 (gate/up 98.0 and 157.0 against 88.8 us; `benchmarks/fp8_gemm.py`).
-            plgpu.wgmma_wait(0)
-            pl.when(j + shapes.num_stages < shapes.steps)(lambda: fetch(j + shapes.num_stages))
-            return carry
+        def refill(j, stage):
+            if two:
+                plgpu.barrier_wait(consumed.at[stage])
+            fetch(j + shapes.num_stages)
 
-        lax.fori_loop(0, shapes.steps, step, 0)
-        return acc_ref[...]
+        def accumulate(acc_ref):
+            def step(j, carry):
+                stage = lax.rem(j, shapes.num_stages)
+                plgpu.barrier_wait(loaded.at[stage])
+                plgpu.wgmma(acc_ref, x_smem.at[stage, pl.ds(wg * shapes.wg_rows, shapes.wg_rows)],
+                            w_smem.at[stage].transpose((1, 0)))
+                # Waiting here, not one step later: leaving one or two wgmmas running was 10% and 77% slower at 256
+                # rows on an H100 (gate/up 98.0 and 157.0 against 88.8 us; `benchmarks/fp8_gemm.py`).
+                plgpu.wgmma_wait(0)
+                refilled = j + shapes.num_stages < shapes.steps
+                if two:  # only stages that will be refilled are released, so warpgroup 0 sees every release
+                    pl.when(refilled)(lambda: plgpu.barrier_arrive(consumed.at[stage]))
+                pl.when((wg == 0) & refilled)(lambda: refill(j, stage))
+                return carry
 
-    acc = pl.run_scoped(accumulate, plgpu.ACC((shapes.rows, shapes.tile_n), jnp.float32))
+            lax.fori_loop(0, shapes.steps, step, 0)
+            return acc_ref[...]
+
+        return pl.run_scoped(accumulate, plgpu.ACC((shapes.wg_rows, shapes.tile_n), jnp.float32))
+
+    acc = pl.run_scoped(
+        pipeline,
+        plgpu.SMEM((shapes.num_stages, shapes.tile_n, _TILE_K), FP8, transforms=_transforms(FP8, _TILE_K)),
+        plgpu.SMEM((shapes.num_stages, shapes.rows, _TILE_K), FP8, transforms=_transforms(FP8, _TILE_K)),
+        plgpu.Barrier(num_arrivals=2, num_barriers=shapes.num_stages),
+        plgpu.Barrier(num_arrivals=shapes.warpgroups, num_barriers=shapes.num_stages),
+        collective_axes="wg")
     plgpu.barrier_wait(scale_barrier)
     wgmma = plgpu.Layout.WGMMA
-    row_scale = plgpu.load(x_scale_smem, layout=wgmma.reduce(1), optimized=False)
+    own = pl.ds(wg * shapes.wg_rows, shapes.wg_rows)
+    row_scale = plgpu.load(x_scale_smem.at[own], layout=wgmma.reduce(1), optimized=False)
     col_scale = plgpu.load(w_scale_smem, layout=wgmma.reduce(0), optimized=False)
     acc = acc * lax.broadcast_in_dim(row_scale, acc.shape, [0]) * lax.broadcast_in_dim(col_scale, acc.shape, [1])
-    out_smem[...] = acc.astype(out_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, shapes.out_rows)], out_ref.at[part, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+
+    def epilogue(out_smem):
+        out_smem.at[own][...] = acc.astype(out_dtype)
+        plgpu.commit_smem()
+        for w in range(shapes.warpgroups):  # each warpgroup writes its own rows of x's, if it has any
+            first = w * shapes.wg_rows
+            count = min(shapes.wg_rows, shapes.out_rows - first)
+            if count > 0:
+                pl.when(wg == w)(lambda: plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(first, count)],
+                                                                 out_ref.at[part, pl.ds(first, count), cols]))
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(epilogue, plgpu.SMEM((shapes.rows, shapes.tile_n), out_dtype,
+                                       transforms=_transforms(out_dtype, shapes.tile_n)), collective_axes="wg")

@@ -7,14 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fp8_gemm import FP8, GemmSizes, fp8_matmul
+from pallas_kernels.fp8_gemm import FP8, GemmSizes, _plan, fp8_matmul
 
 CASES = [
     # rows, K, N, layer, sizes
     (1, 256, 128, 2, GemmSizes(tile_n=64, num_stages=2, splits=1)),  # one row, padded to 8
     (16, 512, 192, 1, GemmSizes(tile_n=64, num_stages=3, splits=2)),  # two K splits, a ring of stages reused
     (72, 256, 128, 0, GemmSizes()),  # rows padded to 128, splits chosen
-    (256, 128, 128, 2, GemmSizes(num_stages=4)),  # the most rows, tiles of 64 channels
+    (256, 128, 128, 2, GemmSizes(num_stages=4)),  # the most rows, one warpgroup, tiles of 64 channels
+    (256, 256, 128, 2, GemmSizes(warpgroups=2)),  # two warpgroups of 128 rows
+    (200, 1024, 128, 1, GemmSizes(num_stages=3, splits=2, warpgroups=2)),  # a ring reused, 72 rows in the second
+    (200, 512, 128, 2, GemmSizes(num_stages=2, warpgroups=1)),  # one warpgroup of 256 rows, tiles of 64 channels
+    (100, 512, 192, 0, GemmSizes(tile_n=64, num_stages=2, warpgroups=2)),  # two warpgroups of 64 rows
 ]
 
 
@@ -49,6 +53,17 @@ def test_scales_are_applied_and_the_output_has_the_asked_dtype(splits, out_dtype
     assert out.shape == (num_rows, 192) and out.dtype == out_dtype
     rtol = 1e-5 if out_dtype == jnp.float32 else 2 ** -8
     np.testing.assert_allclose(f64(out), expected, rtol=rtol, atol=rtol * np.abs(expected).max() * 1e-2)
+
+
+@pytest.mark.parametrize("rows,k,n,warpgroups,tile_n,splits", [
+    (256, 4096, 28672, 2, 128, 1),  # Llama-3.1-8B gate/up: wide enough for 128-channel tiles without splits
+    (256, 4096, 6144, 1, 64, 1),  # q/k/v: one warpgroup, 64-channel tiles
+    (256, 14336, 4096, 1, 64, 2),  # down
+    (128, 4096, 28672, 1, 128, 1),  # at most 128 rows: one warpgroup holds them all
+])
+def test_the_plan_follows_the_measured_rules(rows, k, n, warpgroups, tile_n, splits):
+    shapes = _plan(rows, k, n, GemmSizes())
+    assert (shapes.warpgroups, shapes.tile_n, shapes.splits) == (warpgroups, tile_n, splits)
 
 
 @pytest.mark.parametrize("x_shape,w_shape,dtype,match", [
