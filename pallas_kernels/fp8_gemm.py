@@ -11,10 +11,13 @@ output channels and one of `splits` ranges of K; TMA streams weight tiles `[tile
 FP8 wgmma needs for both operands) and the matching `[T, 128]` columns of x through `num_stages` shared-memory
 stages, and the tensor cores compute `out [T, tile_n] += x w^T` with x's rows padded to a multiple of 64 (the
 wgmma's M). The padding costs arithmetic the weight stream hides; only x's own rows of the output are written,
-row-major, so XLA only sums the splits' float32 partials (with the scales, fused into whatever reads the
-projection). Computing the tile transposed instead (weight channels as M) left XLA a `[N, T]` transpose per
-GEMM that took longer than the GEMM's own weight read on an H100. Both operands are 128-byte swizzled rows of
-128 FP8 values.
+row-major. The epilogue applies x's row scales and the layer's channel scales, so with one K split the kernel
+writes the model's dtype and nothing is left for XLA; with more, XLA sums the splits' scaled float32 partials.
+More than 128 rows of a wide projection go to two consumer warpgroups of 128 rows each, with 128-channel tiles
+(by arithmetic a 64-channel FP8 wgmma reads shared memory as fast as an SM supplies it, a 128-channel one at
+three quarters of that). Computing the tile transposed
+instead (weight channels as M) left XLA a `[N, T]` transpose per GEMM that took longer than the GEMM's own weight
+read on an H100. Both operands are 128-byte swizzled rows of 128 FP8 values.
 """
 
 from __future__ import annotations
