@@ -15,9 +15,9 @@ row-major. The epilogue applies x's row scales and the layer's channel scales, s
 writes the model's dtype and nothing is left for XLA; with more, XLA sums the splits' scaled float32 partials.
 More than 128 rows of a wide projection go to two consumer warpgroups of 128 rows each, with 128-channel tiles
 (by arithmetic a 64-channel FP8 wgmma reads shared memory as fast as an SM supplies it, a 128-channel one at
-three quarters of that). Computing the tile transposed
-instead (weight channels as M) left XLA a `[N, T]` transpose per GEMM that took longer than the GEMM's own weight
-read on an H100. Both operands are 128-byte swizzled rows of 128 FP8 values.
+three quarters of that). Computing the tile transposed instead (weight channels as M) left XLA a `[N, T]`
+transpose per GEMM that took longer than the GEMM's own weight read on an H100. Both operands are 128-byte
+swizzled rows of 128 FP8 values.
 """
 
 from __future__ import annotations
