@@ -3,7 +3,9 @@ PYTHON ?= python3.12
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Two pytest workers, a test file each at a time (module fixtures built once): on a 2-core machine the suite took
+# 27 min against 36.5 run serially (342 tests, 2026-11-22).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 MODEL ?= SmolLM2-135M-Instruct
 HOST ?= 127.0.0.1
 PORT ?= 8000
