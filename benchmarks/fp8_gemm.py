@@ -10,8 +10,10 @@ reads the layer in place and applies both scales itself (`kernel`).
 variant is checked at the last layer against a float32 product of its dequantized inputs, and the script prints
 which GEMMs XLA called.
 
-    python benchmarks/fp8_gemm.py [--rows 16 64 256] [--variants ...] [--splits 1 2 4]
-        [--sizes tile_n=64,splits=2 ...] [--json out.json]
+    python benchmarks/fp8_gemm.py [--rows 16 64 256] [--variants ...] [--sizes splits=1 tile_n=64,splits=2 ...]
+        [--json out.json]
+
+(`--sizes splits=N` is what session 10 ran as `--splits N`, at `8d73a69`.)
 """
 
 from __future__ import annotations
@@ -87,7 +89,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--variants", nargs="+", default=["bf16", "fp8_row", "kernel"])
-    parser.add_argument("--splits", type=int, nargs="*", default=[], help="kernel variants with these K splits")
     parser.add_argument("--sizes", nargs="*", default=[], help="kernel variants with these GemmSizes, e.g. "
                         "tile_n=64,splits=2")
     parser.add_argument("--json")
@@ -95,7 +96,6 @@ def main() -> None:
     every = {"bf16": bf16_matmul, "fp8_row": xla_fp8_matmul(True), "fp8_tensor": xla_fp8_matmul(False),
              "kernel": kernel_matmul(), "w8a16": w8a16_matmul}
     variants = {name: every[name] for name in args.variants}
-    variants.update({f"kernel_s{n}": kernel_matmul(GemmSizes(splits=n)) for n in args.splits})
     variants.update({f"kernel[{text}]": kernel_matmul(parse_sizes(text)) for text in args.sizes})
     rows_out = []
     for name in args.shapes:

@@ -150,7 +150,8 @@ def _warpgroups(t: int, n: int, k_steps: int) -> int:
 def _fill_splits(col_blocks: int, k_steps: int) -> int:
     """The fewest splits of K (a divisor of its steps) giving about one block an SM (two thirds of the SMs or
     more): the splits' partials cost writes and a sum, and at 16 or 256 rows on an H100 this choice was the
-    fastest of 1, 2 and 4 splits for every Llama-3.1-8B projection (`benchmarks/fp8_gemm.py --splits 1 2 4`)."""
+    fastest of 1, 2 and 4 splits for every Llama-3.1-8B projection
+    (`benchmarks/fp8_gemm.py --sizes splits=1 splits=2 splits=4`)."""
     for splits in range(1, k_steps + 1):
         if k_steps % splits == 0 and col_blocks * splits * 3 >= 2 * _NUM_SMS:
             return splits
