@@ -1,7 +1,8 @@
 """Where batch-1 decode's wall time goes between GPU kernels: a `jax.profiler` trace of one generate call
 (64 tokens after a 512-token prompt, Llama-3.1-8B shape, random bfloat16 weights), read back with
 `jax.profiler.ProfileData`. Reports GPU busy time (the union of kernel intervals), the busiest kernels and
-copies, and the idle gaps between kernels by size with the kernels on either side of the longest ones. The
+copies, the idle gaps between kernels by size with the kernels on either side of the longest ones, and one
+decoder layer's kernels in order (from one attention kernel to the next) with the idle time before each. The
 workload is `profile_decode.py`'s (`decode_workload`).
 
     python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--quantization fp8] [--output-json PATH]
@@ -62,6 +63,17 @@ def gaps(kernels: list[tuple[float, float, str]]) -> tuple[float, list[tuple[flo
     return busy, idle
 
 
+def layer_sequence(kernels: list[tuple[float, float, str]], marker: str = "mosaic_gpu") -> list[list]:
+    """One decoder layer as the GPU ran it: [name, us, idle us before] of each kernel or copy from just after
+    a middle attention kernel (`marker`) to the next one, inclusive."""
+    marks = [i for i, (_, _, name) in enumerate(kernels) if marker in name]
+    if len(marks) < 2:
+        return []
+    first, last = marks[len(marks) // 2 - 1], marks[len(marks) // 2]
+    return [[name[:60], (stop - start) / 1e3, (start - kernels[i - 1][1]) / 1e3]
+            for i, (start, stop, name) in enumerate(kernels[first + 1:last + 1], first + 1)]
+
+
 def summarize(data: ProfileData, steps: int = TOKENS) -> dict:
     """The trace's figures per decode step (per token at batch 1), over `steps` steps."""
     kernels = gpu_kernels(data)
@@ -81,7 +93,7 @@ def summarize(data: ProfileData, steps: int = TOKENS) -> dict:
             "gaps_per_token_by_size": histogram,
             "top_kernels": [[n, ns / 1e6 / steps, counts[n] / steps] for n, ns in totals.most_common(25)],
             "longest_gaps": [[g / 1e3, before[:80], after[:80]] for g, before, after in longest],
-            "host_events": host_events(data, steps)}
+            "host_events": host_events(data, steps), "layer_sequence": layer_sequence(kernels)}
 
 
 def print_top(what: str, rows: list[list], per: str, limit: int = 15) -> None:
@@ -89,6 +101,13 @@ def print_top(what: str, rows: list[list], per: str, limit: int = 15) -> None:
     print(f"| {what} | ms/{per} | per {per} |\n| --- | --- | --- |")
     for name, ms, count in rows[:limit]:
         print(f"| {name} | {ms:.3f} | {count:.1f} |")
+
+
+def print_layer(sequence: list[list]) -> None:
+    """`layer_sequence` as a markdown table."""
+    print("| one layer: kernel or copy | us | idle us before |\n| --- | --- | --- |")
+    for name, us, idle in sequence:
+        print(f"| {name} | {us:.2f} | {idle:.2f} |")
 
 
 def write_json(path: str | None, summary: dict) -> None:
@@ -123,6 +142,7 @@ def main() -> None:
         print(f"| {size} | {count:.1f} | {ms:.2f} |")
     print_top("kernel or copy", summary["top_kernels"], "token", 12)
     print_top("host event", summary["host_events"], "token")
+    print_layer(summary["layer_sequence"])
     write_json(args.output_json, summary)
 
 
