@@ -131,12 +131,9 @@ def read_tensor(reader: TensorReader, rule: TensorRule, cfg: ModelConfig, shape:
 def _read_part(reader: TensorReader, rule: TensorRule, cfg: ModelConfig, names: list[str],
                part_shape: tuple[int, ...]) -> np.ndarray:
     """One layer's (or a global) value of a parameter: each named tensor transformed and checked, and several
-    stacked on the rule's axis."""
-    each_shape = part_shape
-    if rule.stack_axis is not None:
-        each_shape = part_shape[:rule.stack_axis] + part_shape[rule.stack_axis + 1:]
+    stacked on, or joined along, the rule's axis."""
     tensors = []
-    for name in names:
+    for name, each_shape in zip(names, _part_shapes(rule, cfg, part_shape)):
         try:
             raw = reader.get(name)
         except KeyError:
@@ -150,7 +147,19 @@ def _read_part(reader: TensorReader, rule: TensorRule, cfg: ModelConfig, names: 
             raise CheckpointError(f"tensor {name!r} has shape {raw.shape}, which does not fit the config "
                                   f"({'.'.join(rule.path)} needs {each_shape}{per_layer} from it)")
         tensors.append(tensor)
-    return tensors[0] if rule.stack_axis is None else np.stack(tensors, axis=rule.stack_axis)
+    if rule.stack_axis is not None:
+        return np.stack(tensors, axis=rule.stack_axis)
+    return tensors[0] if rule.join_axis is None else np.concatenate(tensors, axis=rule.join_axis)
+
+
+def _part_shapes(rule: TensorRule, cfg: ModelConfig, part_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shape each of the rule's tensors must have once transformed."""
+    if rule.stack_axis is not None:
+        return [part_shape[:rule.stack_axis] + part_shape[rule.stack_axis + 1:]] * len(rule.hf_names)
+    if rule.join_axis is not None:
+        axis = rule.join_axis
+        return [part_shape[:axis] + (size,) + part_shape[axis + 1:] for size in rule.join_sizes(cfg)]
+    return [part_shape]
 
 
 def checked_tensors(abstract: nnx.Module, reader: TensorReader, cfg: ModelConfig

@@ -47,12 +47,13 @@ def test_converted_architectures_match_transformers(arch, tmp_path):
 
 
 def test_directory_of_an_older_format_asks_for_a_new_conversion(tmp_path):
-    """Format 2 stacks k/v and gate/up; a format-1 directory is refused with what to do, not a tree error."""
+    """Format 3 joins q, k and v; a directory of an older format (2: k/v stacked, q apart) is refused with what
+    to do, not a tree error."""
     make_tiny("llama", tmp_path / "src")
     convert(str(tmp_path / "src"), tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "jaxllm.json").read_text())
-    (tmp_path / "out" / "jaxllm.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(ValueError, match="format version 1 is not 2; convert the model again"):
+    (tmp_path / "out" / "jaxllm.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ValueError, match="format version 2 is not 3; convert the model again"):
         load_model(str(tmp_path / "out"))
 
 
@@ -118,9 +119,9 @@ def test_converted_directory_restores_under_tensor_parallelism(tmp_path):
     mesh = make_mesh(tensor_parallel_size=2)
     sharded, loaded = logits(tmp_path / "out", mesh)
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
-    q_proj = loaded.model.layers.attn.q_proj[...]
-    assert {s.data.shape for s in q_proj.addressable_shards} == {(3, 64, 2, 16)}  # each device: its half
-    assert len(q_proj.addressable_shards) == 2
+    qkv_proj = loaded.model.layers.attn.qkv_proj[...]
+    assert {s.data.shape for s in qkv_proj.addressable_shards} == {(3, 64, 1, 4, 16)}  # each device: 1 of 2 KV heads
+    assert len(qkv_proj.addressable_shards) == 2
 
 
 # ----- bad input: a message naming the problem, a non-zero exit, nothing left behind -----

@@ -79,12 +79,12 @@ def test_stages_hold_only_their_layers(tmp_path):
     convert(str(tmp_path / "hf"), str(tmp_path / "converted"), "auto", False)
     mesh = make_mesh(tensor_parallel_size=2, pipeline_parallel_size=2)
     model = load_model(str(tmp_path / "hf"), mesh=mesh).model
-    q_proj = model.layers.attn.q_proj[...]
-    assert q_proj.shape == (4, 64, 4, 16)
-    assert q_proj.sharding.spec == PartitionSpec("pipeline", None, "tensor", None)
-    assert {s.data.shape for s in q_proj.addressable_shards} == {(2, 64, 2, 16)}
+    qkv_proj = model.layers.attn.qkv_proj[...]
+    assert qkv_proj.shape == (4, 64, 2, 4, 16)
+    assert qkv_proj.sharding.spec == PartitionSpec("pipeline", None, "tensor", None, None)
+    assert {s.data.shape for s in qkv_proj.addressable_shards} == {(2, 64, 1, 4, 16)}
     for stage, devices in enumerate(mesh.devices[0]):
-        held = {s.index[0] for s in q_proj.addressable_shards if s.device in devices}
+        held = {s.index[0] for s in qkv_proj.addressable_shards if s.device in devices}
         assert held == {slice(2 * stage, 2 * stage + 2)}
     assert not np.asarray(model.layers.mlp.down_proj[...])[3].any()
     assert not np.asarray(model.layers.input_norm[...])[3].any()
@@ -156,8 +156,8 @@ def test_smollm2_pipeline_and_tensor_parallel_match_one_device(smollm2_llm, tmp_
     llm = LLM(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64,
               pipeline_parallel_size=2, tensor_parallel_size=2,
               compilation_cache_dir=str(tmp_path_factory.mktemp("xla-pp")))
-    q_proj = llm.llm_engine.runner.params["layers"]["attn"]["q_proj"][...]
-    assert {s.data.shape[0] for s in q_proj.addressable_shards} == {15}
+    qkv_proj = llm.llm_engine.runner.params["layers"]["attn"]["qkv_proj"][...]
+    assert {s.data.shape[0] for s in qkv_proj.addressable_shards} == {15}
     conversations = [[{"role": "user", "content": "What is the capital of France?"}],
                      [{"role": "user", "content": "Name three colours."}]]
     params = SamplingParams(temperature=0, max_tokens=10)

@@ -104,7 +104,7 @@ def test_prefill_and_paged_decode_match_transformers_with_the_same_quantization(
     path, hf = checkpoint
     loaded = load_model(str(path), dtype="float32", quantization="fp8")
     attn, mlp = loaded.model.layers.attn, loaded.model.layers.mlp
-    for w in (attn.q_proj, attn.kv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+    for w in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
         assert isinstance(w, Fp8Weight) and w.weight[...].dtype == jnp.float8_e4m3fn
     runner = PagedRunner(loaded.model, page_size=8)
     out = runner.step(dict(PROMPTS), pad_tokens=5)
@@ -184,7 +184,7 @@ def test_one_gpu_hands_fp8_gemm_each_stacked_weight_whole(tmp_path):
                 else eqn.primitive.name for eqn in found]
 
     stacks = [v for v in body.invars if v.aval.dtype == jnp.float8_e4m3fn]
-    assert len(stacks) == 5 and all(v.aval.shape[0] == 3 for v in stacks)
+    assert len(stacks) == 4 and all(v.aval.shape[0] == 3 for v in stacks)  # q/k/v, o, gate/up, down
     for stack in stacks:
         assert len(uses(stack)) == 1 and uses(stack)[0] not in ("dynamic_slice", "gather", "slice"), uses(stack)
     sliced = [v for v in body.invars if uses(v) == ["dynamic_slice"]]

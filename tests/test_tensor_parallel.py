@@ -38,17 +38,17 @@ def test_tensor_parallel_sizes_agree(checkpoint):
             np.testing.assert_allclose(out[seq], base[seq], rtol=1e-5, atol=1e-5, err_msg=f"tp={tp}")
             np.testing.assert_allclose(decode[seq], base_decode[seq], rtol=1e-5, atol=1e-5)
         layers = loaded.model.layers
-        assert layers.attn.q_proj[...].sharding.spec == PartitionSpec(None, None, "tensor", None)
+        # q, k and v grouped by the 2 KV heads: split over tensor 2, replicated over tensor 4; o_proj's 4 query
+        # heads are split either way.
+        qkv_spec = PartitionSpec(None, None, "tensor", None, None) if tp == 2 else PartitionSpec(*[None] * 5)
+        assert layers.attn.qkv_proj[...].sharding.spec == qkv_spec
+        assert layers.attn.o_proj[...].sharding.spec == PartitionSpec(None, "tensor", None, None)
         assert layers.mlp.down_proj[...].sharding.spec == PartitionSpec(None, "tensor", None)
-        # 2 KV heads: split over tensor 2, replicated over tensor 4.
-        kv_spec = PartitionSpec(None, None, None, "tensor", None) if tp == 2 else PartitionSpec(None, None, None, None,
-                                                                                                None)
-        assert layers.attn.kv_proj[...].sharding.spec == kv_spec
         assert layers.mlp.gate_up_proj[...].sharding.spec == PartitionSpec(None, None, None, "tensor")
         # the cache's heads axis holds K and V of 2 heads: split in halves over tensor 2, whole over tensor 4.
         assert {s.data.shape[3] for s in runner.kv_cache.addressable_shards} == {2 if tp == 2 else 4}
-        shard_shapes = {s.data.shape for s in layers.attn.q_proj[...].addressable_shards}
-        assert shard_shapes == {(3, 64, 4 // tp, 16)}
+        shard_shapes = {s.data.shape for s in layers.attn.qkv_proj[...].addressable_shards}
+        assert shard_shapes == {(3, 64, 1 if tp == 2 else 2, 4, 16)}
 
 
 def test_random_model_is_made_in_its_shardings():
@@ -61,11 +61,11 @@ def test_random_model_is_made_in_its_shardings():
     cfg = ModelConfig.from_hf(config_cls(**COMMON, **extra, architectures=["Qwen3ForCausalLM"]), "bfloat16")
     single = random_model(cfg, make_mesh(1), seed=3)
     sharded = random_model(cfg, make_mesh(tensor_parallel_size=2), seed=3)
-    q_proj = sharded.layers.attn.q_proj[...]
-    assert q_proj.dtype == np.dtype("bfloat16")
-    assert {s.data.shape for s in q_proj.addressable_shards} == {(3, 64, 2, 32)}
-    np.testing.assert_array_equal(np.asarray(q_proj, np.float32),
-                                  np.asarray(single.layers.attn.q_proj[...], np.float32))
+    qkv_proj = sharded.layers.attn.qkv_proj[...]
+    assert qkv_proj.dtype == np.dtype("bfloat16")
+    assert {s.data.shape for s in qkv_proj.addressable_shards} == {(3, 64, 1, 4, 32)}  # one of the 2 KV heads
+    np.testing.assert_array_equal(np.asarray(qkv_proj, np.float32),
+                                  np.asarray(single.layers.attn.qkv_proj[...], np.float32))
     out = PagedRunner(sharded, page_size=8, mesh=make_mesh(tensor_parallel_size=2)).step({0: [1, 2, 3]})
     assert np.isfinite(out[0]).all()
 

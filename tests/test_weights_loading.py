@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import transformers
 from safetensors.numpy import load_file, save_file
@@ -47,13 +48,17 @@ def test_shape_disagreeing_with_config_is_named(checkpoint):
         load_model(str(checkpoint))
 
 
-def test_wrong_shape_in_a_stacked_parameter_names_that_tensor(checkpoint):
-    """k and v are one parameter (`kv_proj`); a v_proj of the wrong shape is named, not its partner."""
+@pytest.mark.parametrize("resize", ["one row short", "twice the rows"])
+def test_wrong_shape_in_a_joined_parameter_names_that_tensor(checkpoint, resize):
+    """q, k and v are one parameter (`qkv_proj`); a v_proj of the wrong shape is named, not its partners, whether
+    its rows fit no grouping or would group into more than one head per KV head."""
     tensors = load_file(checkpoint / "model.safetensors")
     name = "model.layers.0.self_attn.v_proj.weight"
-    tensors[name] = tensors[name][:-1]
+    v = tensors[name]
+    tensors[name] = v[:-1] if resize == "one row short" else np.concatenate([v, v])
     save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.v_proj\.weight' has shape .*kv_proj"):
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.v_proj\.weight' has shape "
+                                              r".*\(layers\.attn\.qkv_proj needs \(\d+, \d+, 1, \d+\) per layer"):
         load_model(str(checkpoint))
 
 

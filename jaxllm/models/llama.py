@@ -30,19 +30,19 @@ Rope = tuple[jax.Array, jax.Array]
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention over the paged cache. K and V are one parameter (`kv_proj [embed, 2,
-    kv_heads, head_dim]`), so that one GEMM computes both (two 8 MiB GEMMs per layer at Llama-3-8B shape
-    stream their weights at about half the rate of larger ones on an H100); Q stays apart so that its heads
-    can be split over more devices than there are KV heads."""
+    """Grouped-query self-attention over the paged cache. Q, K and V are one parameter grouped by KV head
+    (`qkv_proj [embed, kv_heads, G + 2, head_dim]`: each KV head's G query heads, then its k and v), so that one
+    GEMM computes them (at Llama-3.1-8B shape on an H100 that saved about 5 us a layer against a q GEMM and a
+    k/v GEMM, `benchmarks/bf16_gemm_layouts.py`), and tensor parallelism splits it by whole KV heads, as it
+    splits the cache. (Where the KV heads do not divide over the devices, it is replicated.)"""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         dt, e, h, kvh, d = cfg.jnp_dtype, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = param(rngs, (e, h, d), ("embed", "q_heads", "head_dim"), dt, stack)
-        self.kv_proj = param(rngs, (e, 2, kvh, d), ("embed", None, "kv_heads", "head_dim"), dt, stack)
+        group = h // kvh
+        self.qkv_proj = param(rngs, (e, kvh, group + 2, d), ("embed", "kv_heads", None, "head_dim"), dt, stack)
         self.o_proj = param(rngs, (h, d, e), ("q_heads", "head_dim", "embed"), dt, stack)
         if cfg.qkv_bias:
-            self.q_bias = param(rngs, (h, d), ("q_heads", "head_dim"), dt, stack, "zeros")
-            self.kv_bias = param(rngs, (2, kvh, d), (None, "kv_heads", "head_dim"), dt, stack, "zeros")
+            self.qkv_bias = param(rngs, (kvh, group + 2, d), ("kv_heads", None, "head_dim"), dt, stack, "zeros")
         if cfg.o_bias:
             self.o_bias = param(rngs, (e,), ("embed",), dt, stack, "zeros")
         if cfg.qk_norm:
@@ -54,10 +54,12 @@ class Attention(nnx.Module):
                  layer: jax.Array, backend: str, block_sizes: tuple | None = None,
                  streamed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
-        q, kv = linear(x, self.q_proj, layer=streamed), linear(x, self.kv_proj, layer=streamed)
+        qkv = linear(x, self.qkv_proj, layer=streamed)
         if cfg.qkv_bias:
-            q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
-        k, v = kv[:, 0], kv[:, 1]
+            qkv = qkv + self.qkv_bias[...]
+        group = cfg.num_heads // cfg.num_kv_heads
+        q = qkv[:, :, :group].reshape(x.shape[0], cfg.num_heads, cfg.head_dim)
+        k, v = qkv[:, :, group], qkv[:, :, group + 1]
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)

@@ -1,6 +1,6 @@
 """FP8 weights made at load time from a 16- or 32-bit checkpoint (vLLM's `--quantization fp8`).
 
-The decoder layers' projections (q, k/v, o, gate/up, down) become float8_e4m3fn with one float32 scale per
+The decoder layers' projections (q/k/v, o, gate/up, down) become float8_e4m3fn with one float32 scale per
 output channel; embeddings, norms, biases and the LM head stay in the model's dtype, as in vLLM. Each GEMM
 quantizes its input on the fly with one scale per token (vLLM's dynamic per-token activation scales), runs on
 8-bit operands and scales its output by both scales. A quantized weight is stored with its contracted axes last
@@ -35,8 +35,7 @@ _MIN_SCALE = 1e-12 / FP8_MAX  # the scale of an all-zero row or channel (identit
 
 # (module path under the model, parameter name): how many leading axes of the 16-bit weight are its input.
 PROJECTIONS = {
-    (("layers", "attn"), "q_proj"): 1,
-    (("layers", "attn"), "kv_proj"): 1,
+    (("layers", "attn"), "qkv_proj"): 1,
     (("layers", "attn"), "o_proj"): 2,
     (("layers", "mlp"), "gate_up_proj"): 1,
     (("layers", "mlp"), "down_proj"): 1,

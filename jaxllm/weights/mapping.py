@@ -1,10 +1,12 @@
 """Hugging Face tensor names and layouts -> jaxllm parameter paths and layouts.
 
 Hugging Face stores linear weights as `[out, in]`; jaxllm keeps `[in, out]` with heads split out
-(`q_proj [embed, q_heads, head_dim]`, `o_proj [q_heads, head_dim, embed]`) so that every axis has a
-logical name to shard by. Per-layer tensors are stacked on the leading `layers` axis. Projections that
-share an input and a sharding are one jaxllm parameter made of several Hugging Face tensors, stacked on a
-new axis: `kv_proj [embed, 2, kv_heads, head_dim]` (k, v) and `gate_up_proj [embed, 2, mlp]` (gate, up).
+(`o_proj [q_heads, head_dim, embed]`) so that every axis has a logical name to shard by. Per-layer tensors are
+stacked on the leading `layers` axis. Projections that share an input are one jaxllm parameter made of several
+Hugging Face tensors, so that one GEMM computes them: `gate_up_proj [embed, 2, mlp]` (gate and up stacked on a
+new axis) and `qkv_proj [embed, kv_heads, G + 2, head_dim]`, q, k and v grouped by KV head (each KV head's G
+query heads, then its k and its v, joined on the group axis), so that tensor parallelism splits it by whole KV
+heads as it splits the cache.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class TensorRule:
     hf_names: tuple[str, ...]
     transform: Callable[[np.ndarray, ModelConfig], np.ndarray]
     stack_axis: int | None = None
+    # several tensors of different sizes joined on an existing axis instead: `join_sizes(cfg)`, one per tensor
+    join_axis: int | None = None
+    join_sizes: Callable[[ModelConfig], tuple[int, ...]] | None = None
 
     @property
     def per_layer(self) -> bool:
@@ -46,26 +51,23 @@ def _transpose(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return w.T
 
 
-def _in_heads(num_heads: Callable[[ModelConfig], int]) -> Callable[[np.ndarray, ModelConfig], np.ndarray]:
-    """`[heads*D, E]` -> `[E, heads, D]`."""
-    return lambda w, cfg: w.T.reshape(cfg.hidden_size, num_heads(cfg), cfg.head_dim)
+def _in_groups(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """`[heads*D, E]` -> `[E, kv_heads, heads/kv_heads, D]`: query head h belongs to KV head h // G."""
+    return w.T.reshape(cfg.hidden_size, cfg.num_kv_heads, -1, cfg.head_dim)
 
 
-def _bias_heads(num_heads: Callable[[ModelConfig], int]) -> Callable[[np.ndarray, ModelConfig], np.ndarray]:
-    return lambda w, cfg: w.reshape(num_heads(cfg), cfg.head_dim)
+def _bias_groups(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """`[heads*D]` -> `[kv_heads, heads/kv_heads, D]`."""
+    return w.reshape(cfg.num_kv_heads, -1, cfg.head_dim)
+
+
+def _qkv_sizes(cfg: ModelConfig) -> tuple[int, ...]:
+    return cfg.num_heads // cfg.num_kv_heads, 1, 1
 
 
 def _out_heads(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """`[E, H*D]` -> `[H, D, E]`."""
     return w.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
-
-
-def _q_heads(cfg: ModelConfig) -> int:
-    return cfg.num_heads
-
-
-def _kv_heads(cfg: ModelConfig) -> int:
-    return cfg.num_kv_heads
 
 
 def tensor_rules(cfg: ModelConfig) -> list[TensorRule]:
@@ -76,9 +78,8 @@ def tensor_rules(cfg: ModelConfig) -> list[TensorRule]:
         _rule(("norm",), "model.norm.weight", _same),
         _rule(("layers", "input_norm"), f"{layer}.input_layernorm.weight", _same),
         _rule(("layers", "post_attention_norm"), f"{layer}.post_attention_layernorm.weight", _same),
-        _rule(("layers", "attn", "q_proj"), f"{attn}.q_proj.weight", _in_heads(_q_heads)),
-        TensorRule(("layers", "attn", "kv_proj"), (f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
-                   _in_heads(_kv_heads), stack_axis=1),
+        TensorRule(("layers", "attn", "qkv_proj"), tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), _in_groups,
+                   join_axis=2, join_sizes=_qkv_sizes),
         _rule(("layers", "attn", "o_proj"), f"{attn}.o_proj.weight", _out_heads),
         TensorRule(("layers", "mlp", "gate_up_proj"),
                    (f"{layer}.mlp.gate_proj.weight", f"{layer}.mlp.up_proj.weight"), _transpose, stack_axis=1),
@@ -88,9 +89,8 @@ def tensor_rules(cfg: ModelConfig) -> list[TensorRule]:
         rules.append(_rule(("lm_head",), "lm_head.weight", _transpose))
     if cfg.qkv_bias:
         rules += [
-            _rule(("layers", "attn", "q_bias"), f"{attn}.q_proj.bias", _bias_heads(_q_heads)),
-            TensorRule(("layers", "attn", "kv_bias"), (f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"),
-                       _bias_heads(_kv_heads), stack_axis=0),
+            TensorRule(("layers", "attn", "qkv_bias"), tuple(f"{attn}.{p}_proj.bias" for p in "qkv"), _bias_groups,
+                       join_axis=1, join_sizes=_qkv_sizes),
         ]
     if cfg.o_bias:
         rules.append(_rule(("layers", "attn", "o_bias"), f"{attn}.o_proj.bias", _same))

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-FORMAT_VERSION = 2  # 2: k/v and gate/up stacked into one parameter each
+FORMAT_VERSION = 3  # 2: k/v and gate/up stacked into one parameter each; 3: q, k and v one parameter
 MANIFEST = "jaxllm.json"
 PARAMS_DIR = "params"
 
