@@ -205,7 +205,7 @@ def _padded(model: nnx.Module) -> bool:
 
 
 def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    """`{("layers", "attn", "q_proj"): x}` -> `{"layers": {"attn": {"q_proj": x}}}` (the saved tree's shape)."""
+    """`{("layers", "attn", "qkv_proj"): x}` -> `{"layers": {"attn": {"qkv_proj": x}}}` (the saved tree's shape)."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
