@@ -24,13 +24,13 @@ Path = tuple[str, ...]
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
     """One jaxllm parameter: its Hugging Face tensor names (`{i}` for the layer), the layout change applied
-    to each, and, where there are several, the axis they are stacked on."""
+    to each, and, where there are several, the new axis they are stacked on (`stack_axis`, equal shapes) or the
+    existing axis they are joined along (`join_axis`, each tensor's size on it given by `join_sizes`)."""
 
     path: Path
     hf_names: tuple[str, ...]
     transform: Callable[[np.ndarray, ModelConfig], np.ndarray]
     stack_axis: int | None = None
-    # several tensors of different sizes joined on an existing axis instead: `join_sizes(cfg)`, one per tensor
     join_axis: int | None = None
     join_sizes: Callable[[ModelConfig], tuple[int, ...]] | None = None
 
