@@ -2,8 +2,9 @@
 (64 tokens after a 512-token prompt, Llama-3.1-8B shape, random bfloat16 weights), read back with
 `jax.profiler.ProfileData`. Reports GPU busy time (the union of kernel intervals), the busiest kernels and
 copies, the idle gaps between kernels by size with the kernels on either side of the longest ones, and one
-decoder layer's kernels in order (from one attention kernel to the next) with the idle time before each. The
-workload is `profile_decode.py`'s (`decode_workload`).
+decoder layer's kernels in order (from one Mosaic GPU kernel to the next: with bfloat16 weights the attention
+kernel, so a whole layer; with `--quantization fp8` the FP8 GEMMs are Mosaic kernels too, so a part of one)
+with the idle time before each. The workload is `profile_decode.py`'s (`decode_workload`).
 
     python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--quantization fp8] [--output-json PATH]
         [--dump-hlo PATH]
@@ -64,8 +65,8 @@ def gaps(kernels: list[tuple[float, float, str]]) -> tuple[float, list[tuple[flo
 
 
 def layer_sequence(kernels: list[tuple[float, float, str]], marker: str = "mosaic_gpu") -> list[list]:
-    """One decoder layer as the GPU ran it: [name, us, idle us before] of each kernel or copy from just after
-    a middle attention kernel (`marker`) to the next one, inclusive."""
+    """[name, us, idle us before] of each kernel or copy from just after a Mosaic GPU kernel (`marker`) in the
+    middle of the trace to the next one, inclusive: one decoder layer when attention is the only Mosaic kernel."""
     marks = [i for i, (_, _, name) in enumerate(kernels) if marker in name]
     if len(marks) < 2:
         return []
