@@ -1,12 +1,18 @@
 """A model, not a measurement: how long ShareGPT-500 takes on one GPU if every engine step costs what its
-bytes and FLOPs cost (Llama-3.1-8B shape, bfloat16), scheduled first come first served with chunked prefill.
+bytes and FLOPs cost (Llama-3.1-8B shape), scheduled first come first served with chunked prefill, as the
+engine schedules it.
 
-Each step reads the weights once (`--weights-ms`), reads every running sequence's KV context
-(131,072 bytes per token of context at 8B shape: 32 layers x 8 KV heads x 128 x 2 x 2 bytes, at
-`--bandwidth`), computes its prefill tokens (`--prefill-ms-per-token`, about 16 GFLOP a token) and pays a fixed
-overhead (`--overhead-ms`: launches, small kernels, host gaps). A request's decode tokens come one per step.
-The run ends when the last request does, so the total is about the sum of the step times over the longest
-request's life: what bounds it is per-step time, not how many requests run at once.
+A step is a roofline: its GEMMs take the longer of reading the weights once (`weights_ms`) and computing its
+tokens (prefill and decode alike, about 16 GFLOP a token, at `tflops`); then it reads every running
+sequence's KV context (131,072 bytes per token of context in bfloat16: 32 layers x 8 KV heads x 128 x 2 x 2
+bytes, at `kv_bandwidth`) and pays a fixed overhead (`overhead_ms`: the small kernels and gaps of a step).
+The defaults are calibrated on the H100 at `99c33ed`: batch-1 decode 7.00 ms (GEMMs and LM head 5.6 ms, the
+rest 1.4), and the 256-sequence step at context 479, 14.89 ms (GEMMs 6.91 ms: 594 TFLOP/s; attention 6.6
+ms: 2.43 TB/s).
+
+A request's decode tokens come one per step, so the run lasts at least as many steps as the longest request
+has output tokens (1,888 here), and every step pays the weights. What other requests add to those steps is
+their KV reads and whatever of their compute does not fit under the weight reads.
 
     python benchmarks/sharegpt_step_model.py --dataset-path ../shared/workloads/sharegpt1000.json
 """
@@ -18,28 +24,42 @@ import dataclasses
 import json
 
 KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
+FLOP_PER_TOKEN = 16.06e9  # 2 x the 8.03 B parameters
 
 
 @dataclasses.dataclass(frozen=True)
 class StepCost:
-    weights_ms: float = 6.1  # the GEMMs of one step at 8B shape (H100 profile: 6.06 ms)
-    overhead_ms: float = 1.5  # the rest of a batch-1 step: 8.06 ms measured minus the GEMMs, less attention
-    prefill_ms_per_token: float = 0.027  # 16 GFLOP at ~600 TFLOP/s
-    bandwidth: float = 3.0e12  # bytes/s the attention kernel reads the cache at
+    weights_ms: float = 5.6
+    overhead_ms: float = 1.4
+    tflops: float = 594.0
+    kv_bandwidth: float = 2.43e12  # bytes/s the attention kernel reads the cache at
     kv_scale: float = 1.0  # 0.5: an 8-bit KV cache
 
-    def step_ms(self, context_tokens: int, prefill_tokens: int) -> float:
-        kv_ms = context_tokens * KV_BYTES_PER_TOKEN * self.kv_scale / self.bandwidth * 1e3
-        return self.weights_ms + self.overhead_ms + kv_ms + prefill_tokens * self.prefill_ms_per_token
+    def step_ms(self, context_tokens: int, tokens: int) -> float:
+        gemm_ms = max(self.weights_ms, tokens * FLOP_PER_TOKEN / (self.tflops * 1e12) * 1e3)
+        kv_ms = context_tokens * KV_BYTES_PER_TOKEN * self.kv_scale / self.kv_bandwidth * 1e3
+        return gemm_ms + kv_ms + self.overhead_ms
+
+
+# The H100's limits: 16.06 GB of bfloat16 weights (8.0 GB in FP8 with a bfloat16 LM head) at the 3.17 TB/s a
+# plain XLA reduction reads, the dense bfloat16 tensor-core peak of 989 TFLOP/s (1,979 for FP8).
+FLOOR = StepCost(weights_ms=16.06e9 / 3.17e12 * 1e3, overhead_ms=0.0, tflops=989.0, kv_bandwidth=3.17e12)
+FP8_FLOOR = dataclasses.replace(FLOOR, weights_ms=8.0e9 / 3.17e12 * 1e3, tflops=1979.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    seconds: float
+    steps: int
 
 
 def simulate(prompt_lens: list[int], output_lens: list[int], max_num_seqs: int, max_num_batched_tokens: int,
-             cost: StepCost) -> float:
-    """Seconds until the last request finishes."""
+             cost: StepCost) -> Run:
+    """The run's length: decodes first in each step's token budget, then the prefills in arrival order."""
     waiting = list(range(len(prompt_lens)))
     prefilled: dict[int, int] = {}  # request -> prompt tokens computed
     generated: dict[int, int] = {}
-    elapsed_ms, done = 0.0, 0
+    elapsed_ms, done, steps = 0.0, 0, 0
     while done < len(prompt_lens):
         decoding = [i for i in prefilled if prefilled[i] == prompt_lens[i]]
         budget = max_num_batched_tokens - len(decoding)
@@ -53,13 +73,31 @@ def simulate(prompt_lens: list[int], output_lens: list[int], max_num_seqs: int, 
             i = waiting.pop(0)
             prefilled[i], generated[i] = min(prompt_lens[i], budget - prefill), 0
             prefill += prefilled[i]
-        elapsed_ms += cost.step_ms(context, prefill)
+        elapsed_ms += cost.step_ms(context, prefill + len(decoding))
+        steps += 1
         for i in decoding:
             generated[i] += 1
             if generated[i] == output_lens[i]:
                 del prefilled[i], generated[i]
                 done += 1
-    return elapsed_ms / 1e3
+    return Run(elapsed_ms / 1e3, steps)
+
+
+CASES = [
+    ("today's costs (`99c33ed`), 256 sequences / 2048 tokens (jaxllm's defaults)", 256, 2048, StepCost()),
+    ("today's costs, 256 / 256 (steps kept under the GEMMs' ridge)", 256, 256, StepCost()),
+    ("today's costs, 1024 / 16384 (vLLM V1's defaults on an H100)", 1024, 16384, StepCost()),
+    ("batch 1 at the 6.0 ms target (overhead 0.4 ms), otherwise today's", 256, 2048, StepCost(overhead_ms=0.4)),
+    ("today's costs, 8-bit KV cache", 256, 2048, StepCost(kv_scale=0.5)),
+    ("bfloat16 floor: weights at 3.17 TB/s, 989 TFLOP/s, KV at 3.17 TB/s, no overhead", 256, 2048, FLOOR),
+    ("the bfloat16 floor, 256 / 256", 256, 256, FLOOR),
+    ("the bfloat16 floor and an 8-bit KV cache", 256, 2048, dataclasses.replace(FLOOR, kv_scale=0.5)),
+    ("FP8 weights today (`99c33ed`: batch 1 5.42 ms, 256-sequence step 13.21 ms)", 256, 2048,
+     StepCost(weights_ms=4.1, overhead_ms=1.3, tflops=780.0)),
+    ("FP8 weights today and an 8-bit KV cache", 256, 2048,
+     StepCost(weights_ms=4.1, overhead_ms=1.3, tflops=780.0, kv_scale=0.5)),
+    ("FP8 floor (8.0 GB of weights, 1,979 TFLOP/s, no overhead)", 256, 2048, FP8_FLOOR),
+]
 
 
 def main() -> None:
@@ -70,24 +108,14 @@ def main() -> None:
     requests = json.load(open(args.dataset_path))["requests"][:args.num_prompts]
     prompts = [len(r["prompt_token_ids"]) for r in requests]
     outputs = [r["output_len"] for r in requests]
-    base = StepCost()
-    cases = [
-        ("today's costs, 256 seqs / 2048 tokens (jaxllm's defaults)", 256, 2048, base),
-        ("today's costs, 1024 seqs / 16384 tokens (vLLM V1's on an H100)", 1024, 16384, base),
-        ("overhead cut to 0.5 ms", 256, 2048, dataclasses.replace(base, overhead_ms=0.5)),
-        ("8-bit KV cache", 256, 2048, dataclasses.replace(base, kv_scale=0.5)),
-        ("the memory floor: weights 5.5 ms, no overhead", 256, 2048,
-         dataclasses.replace(base, weights_ms=5.5, overhead_ms=0.0)),
-        ("floor and an 8-bit KV cache", 256, 2048,
-         dataclasses.replace(base, weights_ms=5.5, overhead_ms=0.0, kv_scale=0.5)),
-        ("8-bit weights and KV cache, overhead 0.5 ms", 256, 2048,
-         dataclasses.replace(base, weights_ms=3.05, overhead_ms=0.5, kv_scale=0.5)),
-    ]
-    print(f"longest request: {max(outputs)} output tokens (request {outputs.index(max(outputs))})")
-    print("| case | modelled time | requests/s |\n| --- | --- | --- |")
-    for name, seqs, tokens, cost in cases:
-        seconds = simulate(prompts, outputs, seqs, tokens, cost)
-        print(f"| {name} | {seconds:.1f} s | {len(prompts) / seconds:.1f} |")
+    print(f"longest request: {max(outputs)} output tokens (request {outputs.index(max(outputs))}); "
+          f"{sum(prompts)} prompt and {sum(outputs)} output tokens in all")
+    print("| case | batch-1 step | 256-sequence step | steps | modelled time | requests/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, seqs, tokens, cost in CASES:
+        run = simulate(prompts, outputs, seqs, tokens, cost)
+        print(f"| {name} | {cost.step_ms(512, 1):.2f} ms | {cost.step_ms(256 * 479, 256):.2f} ms | {run.steps} "
+              f"| {run.seconds:.1f} s | {len(prompts) / run.seconds:.1f} |")
 
 
 if __name__ == "__main__":
