@@ -12,8 +12,6 @@ on its own heads under tensor parallelism, with one `plan_attention` per step sh
 from __future__ import annotations
 
 import functools
-import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +24,7 @@ from jaxllm.models.layers import apply_rope, linear, pad_stacked, param, rms_nor
 from jaxllm.models.quantization import Fp8Param, Fp8Weight, streams_in_place
 from jaxllm.parallel import ShardingRules, padded_layers
 from jaxllm.pipeline import run_pipeline
-from pallas_kernels.l2_prefetch import prefetch_layer
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
-
-Prefetch = Callable[..., jax.Array]
-
-
-def no_prefetch(name: str, after: jax.Array, ahead: int = 0) -> jax.Array:
-    return after
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -61,9 +52,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
                  layer: jax.Array, backend: str, block_sizes: tuple | None = None,
-                 streamed: jax.Array | None = None, prefetch: Prefetch = no_prefetch) -> tuple[jax.Array, jax.Array]:
+                 streamed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
-        qkv = prefetch("attn.o_proj", linear(x, self.qkv_proj, layer=streamed))
+        qkv = linear(x, self.qkv_proj, layer=streamed)
         if cfg.qkv_bias:
             qkv = qkv + self.qkv_bias[...]
         group = cfg.num_heads // cfg.num_kv_heads
@@ -91,8 +82,8 @@ class MLP(nnx.Module):
         self.gate_up_proj = param(rngs, (e, 2, m), ("embed", None, "mlp"), dt, stack)
         self.down_proj = param(rngs, (m, e), ("mlp", "embed"), dt, stack)
 
-    def __call__(self, x: jax.Array, streamed: jax.Array | None = None, prefetch: Prefetch = no_prefetch) -> jax.Array:
-        gate_up = prefetch("mlp.down_proj", linear(x, self.gate_up_proj, layer=streamed))
+    def __call__(self, x: jax.Array, streamed: jax.Array | None = None) -> jax.Array:
+        gate_up = linear(x, self.gate_up_proj, layer=streamed)
         return linear(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], self.down_proj, layer=streamed)
 
 
@@ -110,13 +101,13 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
                  layer: jax.Array, backend: str, block_sizes: tuple | None = None,
-                 stream_fp8: bool = False, prefetch: Prefetch = no_prefetch) -> tuple[jax.Array, jax.Array]:
+                 stream_fp8: bool = False) -> tuple[jax.Array, jax.Array]:
         streamed = layer if stream_fp8 else None
         h, kv_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), rope, kv_cache, md, plan, layer,
-                                backend, block_sizes, streamed, prefetch)
-        x = prefetch("mlp.gate_up_proj", x + h)
-        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps), streamed, prefetch)
-        return prefetch("attn.qkv_proj", x, ahead=1), kv_cache
+                                backend, block_sizes, streamed)
+        x = x + h
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps), streamed)
+        return x, kv_cache
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -175,7 +166,7 @@ class LlamaForCausalLM(nnx.Module):
             layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), sliced)
             layer = nnx.merge(graphdef, whole, layer_state)
             x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes,
-                                stream_fp8, self._prefetcher(sliced, index))
+                                stream_fp8)
             return index + 1, x, kv_cache
 
         # A while loop whose first element is its counter, as `scan` lowers to, with the weights sliced by that
@@ -186,23 +177,6 @@ class LlamaForCausalLM(nnx.Module):
         depth = jax.tree.leaves(stacked)[0].shape[0]
         _, x, kv_cache = lax.while_loop(lambda carry: carry[0] < depth, one_layer, (jnp.int32(0), x, kv_cache))
         return x, kv_cache
-
-    def _prefetcher(self, sliced: nnx.State, index: jax.Array) -> Prefetch:
-        """EXPERIMENT: L2 prefetches by `JAXLLM_L2_PREFETCH` ("attn.o_proj=1.0,attn.qkv_proj=0.7")."""
-        spec = os.environ.get("JAXLLM_L2_PREFETCH", "")
-        if not spec or self.attention_backend != "pallas_gpu":
-            return no_prefetch
-        fractions = {k: float(v) for k, v in (item.split("=") for item in spec.split(","))}
-        flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(sliced)}
-        depth = jax.tree.leaves(sliced)[0].shape[0]
-
-        def prefetch(name: str, after: jax.Array, ahead: int = 0) -> jax.Array:
-            if name not in fractions or name not in flat:
-                return after
-            layer = jnp.minimum(index + ahead, depth - 1)
-            return prefetch_layer(flat[name][...], layer, after, fractions[name])
-
-        return prefetch
 
     def _streams_fp8(self, rows: int) -> bool:
         """Whether the FP8 weights go to `fp8_gemm` whole, to be read at the layer in place: with the Mosaic GPU
