@@ -65,7 +65,8 @@ def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
                attention_block_sizes: dict[str, int] | None = None, quantization: str | None = None) -> LoadedModel:
     """Load a Hugging Face directory, a GGUF file or a known model name onto `mesh` (one device by default).
     `load_format="dummy"` reads only the config and makes random weights on the devices; `quantization="fp8"`
-    then turns the decoder projections into FP8 weights (`jaxllm.models.quantization`)."""
+    then turns the decoder projections into FP8 weights (`jaxllm.models.quantization`). With the Mosaic GPU
+    attention kernels the decoder norms' scales are folded into the projections that read them."""
     check_method(quantization)
     source = resolve_source(model)
     hf_config = load_hf_config(source)
@@ -81,6 +82,8 @@ def load_model(model: str, dtype: str = "auto", mesh: Mesh | None = None,
     else:
         built = _fill(abstract_model(cfg, attention_backend, stages, attention_block_sizes),
                       open_reader(source, cfg), mesh, rules, cfg)
+    if built.attention_backend == "pallas_gpu":
+        built.layers.fold_norm_scales()  # measured on the Mosaic GPU path only (`DecoderLayer.fold_norm_scales`)
     if quantization:
         quantize_model(built, quantization, mesh, rules)
     logger.info("loaded %s (%s%s, %s) from %s", cfg.architecture, cfg.dtype,

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from jaxllm.model_loader import load_model
 from tests.paged import PagedRunner
@@ -28,6 +29,20 @@ def test_prefill_batch_matches_transformers(tiny):
     loaded = load_model(str(path), dtype="float32")
     runner = PagedRunner(loaded.model, page_size=8)
     out = runner.step(dict(enumerate(PROMPTS)), pad_tokens=5)
+    for seq, prompt in enumerate(PROMPTS):
+        np.testing.assert_allclose(out[seq], hf_logits(hf, prompt), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_folded_norm_scales_match_transformers(tiny):
+    """With the decoder norms' scales folded into the projections that read them (as `load_model` does for the
+    Mosaic GPU kernels), the model still computes what `transformers` computes (the tiny models' norm scales are
+    random), and the scales are gone from the layer stack."""
+    name, path, hf = tiny
+    model = load_model(str(path), dtype="float32").model
+    model.layers.fold_norm_scales()
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model.layers))}
+    assert not names & {"input_norm", "post_attention_norm"}, names
+    out = PagedRunner(model, page_size=8).step(dict(enumerate(PROMPTS)), pad_tokens=5)
     for seq, prompt in enumerate(PROMPTS):
         np.testing.assert_allclose(out[seq], hf_logits(hf, prompt), rtol=1e-4, atol=1e-4, err_msg=name)
 

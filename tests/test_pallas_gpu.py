@@ -89,6 +89,17 @@ def test_engine_gives_the_reference_tokens(tmp_path):
         np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)
 
 
+def test_norm_scales_are_folded_for_the_mosaic_gpu_kernels_only(tmp_path):
+    """`load_model` folds the decoder norms' scales into the projections on the Mosaic GPU path (where a stacked
+    scale sliced per layer cost XLA a copy and a wait), and leaves the reference path's model as it is."""
+    from jaxllm.model_loader import load_model
+
+    make_tiny("llama", tmp_path, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    assert load_model(str(tmp_path), attention_backend="pallas_gpu").model.layers.norm_scales_folded
+    layers = load_model(str(tmp_path), attention_backend="reference").model.layers
+    assert not layers.norm_scales_folded and layers.input_norm[...].shape == (3, 128)
+
+
 def _chosen_logprobs(output) -> list[float]:
     """Log-probabilities of the prompt's tokens (after the first) and of the generated ones."""
     prompt = [next(iter(p.values())).logprob for p in output.prompt_logprobs[1:]]

@@ -48,11 +48,12 @@ def linear(x: jax.Array, w: nnx.Param | Fp8Weight, num_in: int = 1, layer: jax.A
     return jax.lax.dot_general(x, w[...], ((tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in))), ((), ())))
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, as `transformers` does, then scaled in the input dtype."""
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, as `transformers` does, then scaled in the input dtype (`weight=None`: the
+    scale is already in the weights that read the output)."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * x32.astype(x.dtype)
+    return x32.astype(x.dtype) if weight is None else weight * x32.astype(x.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:

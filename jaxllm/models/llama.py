@@ -89,7 +89,8 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     """Pre-norm attention and MLP blocks with residuals. With `stream_fp8`, its FP8 weights are the whole layer
-    stacks, read at `layer` in place (`LlamaForCausalLM._run_stack`)."""
+    stacks, read at `layer` in place (`LlamaForCausalLM._run_stack`). Once `fold_norm_scales` has run, the two
+    RMSNorm scales live in the rows of the projections that read the norms' outputs."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         dt = cfg.jnp_dtype
@@ -98,16 +99,31 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(cfg, rngs, stack)
         self.mlp = MLP(cfg, rngs, stack)
         self.eps = cfg.rms_norm_eps
+        self.norm_scales_folded = False
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
                  layer: jax.Array, backend: str, block_sizes: tuple | None = None,
                  stream_fp8: bool = False) -> tuple[jax.Array, jax.Array]:
         streamed = layer if stream_fp8 else None
-        h, kv_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps), rope, kv_cache, md, plan, layer,
-                                backend, block_sizes, streamed)
+        h, kv_cache = self.attn(self._norm(x, "input_norm"), rope, kv_cache, md, plan, layer, backend, block_sizes,
+                                streamed)
         x = x + h
-        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], self.eps), streamed)
+        x = x + self.mlp(self._norm(x, "post_attention_norm"), streamed)
         return x, kv_cache
+
+    def _norm(self, x: jax.Array, name: str) -> jax.Array:
+        return rms_norm(x, None if self.norm_scales_folded else getattr(self, name)[...], self.eps)
+
+    def fold_norm_scales(self) -> None:
+        """Multiply the input norm's scale into the rows of `qkv_proj` and the post-attention norm's into those
+        of `gate_up_proj` (`norm(x) * g @ W == norm(x) @ (g[:, None] * W)`), in each weight's dtype, and drop
+        the scales. In the layer loop a stacked scale is sliced per layer, and XLA made each slice a copy of its
+        own before the norm's kernel: on an H100 at Llama-3.1-8B shape, two copies and about 5 us of waiting a
+        layer, 0.2 ms a batch-1 token. Only the rounding of the products changes."""
+        for norm, projection in (("input_norm", self.attn.qkv_proj), ("post_attention_norm", self.mlp.gate_up_proj)):
+            projection.set_value(_scale_rows(projection[...], getattr(self, norm)[...]))
+            delattr(self, norm)
+        self.norm_scales_folded = True
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -192,6 +208,13 @@ class LlamaForCausalLM(nnx.Module):
         head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         with jax.default_matmul_precision(_matmul_precision(self.cfg)):
             return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+
+
+def _scale_rows(weight: jax.Array, scale: jax.Array) -> jax.Array:
+    """`weight [L, E, ...] * scale [L, E]` along E, computed in float32, in the weight's dtype and sharding."""
+    def scaled(w, g):
+        return (w.astype(jnp.float32) * g.astype(jnp.float32).reshape(g.shape + (1,) * (w.ndim - 2))).astype(w.dtype)
+    return jax.jit(scaled, out_shardings=weight.sharding)(weight, scale)
 
 
 def _matmul_precision(cfg: ModelConfig) -> str:
