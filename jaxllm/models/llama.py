@@ -211,10 +211,11 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def _scale_rows(weight: jax.Array, scale: jax.Array) -> jax.Array:
-    """`weight [L, E, ...] * scale [L, E]` along E, computed in float32, in the weight's dtype and sharding."""
+    """`weight [L, E, ...] * scale [L, E]` along E, computed in float32, in the weight's dtype and sharding, in
+    the weight's own buffer (donated: an 8B model's gate/up stack alone is 7.5 GB)."""
     def scaled(w, g):
         return (w.astype(jnp.float32) * g.astype(jnp.float32).reshape(g.shape + (1,) * (w.ndim - 2))).astype(w.dtype)
-    return jax.jit(scaled, out_shardings=weight.sharding)(weight, scale)
+    return jax.jit(scaled, out_shardings=weight.sharding, donate_argnums=0)(weight, scale)
 
 
 def _matmul_precision(cfg: ModelConfig) -> str:
