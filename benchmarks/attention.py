@@ -61,6 +61,17 @@ def ragged_batch(q_lens, contexts, page_size: int, key: jax.Array, heads=HEADS, 
     return q, cache, md
 
 
+def print_grid(results: list[dict], keys: tuple[str, str], firsts, seconds, columns: list[str],
+               cell=lambda r: f"{r['us']:.1f} ({r['tbs']:.2f})") -> None:
+    """A markdown table of benchmark rows: one line per (`keys[0]`, `keys[1]`) pair of values, one `cell` per
+    matching row, in `results`' order, under the headers `columns`."""
+    print("\n| " + " | ".join([*keys, *columns]) + " |\n|" + " --- |" * (len(keys) + len(columns)))
+    for first in firsts:
+        for second in seconds:
+            cells = [cell(r) for r in results if r[keys[0]] == first and r[keys[1]] == second]
+            print(f"| {first} | {second} | " + " | ".join(cells) + " |")
+
+
 def save_rows(path: str | None, rows: list[dict]) -> None:
     """Write a benchmark's table rows with the device's name as JSON, where a path is given."""
     if path:

@@ -17,7 +17,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from attention import gpu_time, save_rows
+from attention import gpu_time, print_grid, save_rows
 from fp8_gemm import gemm_calls
 from jax import lax
 
@@ -123,11 +123,8 @@ def main() -> None:
             print(f"{r['case']} {r['layout']} rows={r['rows']}: {r['us']:.1f} us ({r['tbs']:.2f} TB/s)"
                   + (f" err {r['err']:.1e} calls {r['calls']}" if "err" in r else ""), flush=True)
         results += new
-    print("\n| case | rows | kn us (TB/s) | nk us (TB/s) |\n| --- | --- | --- | --- |")
-    for case in dict.fromkeys(r["case"] for r in results):
-        for m in args.rows:
-            cells = [f"{r['us']:.1f} ({r['tbs']:.2f})" for r in results if r["case"] == case and r["rows"] == m]
-            print(f"| {case} | {m} | " + " | ".join(cells) + " |")
+    print_grid(results, ("case", "rows"), dict.fromkeys(r["case"] for r in results), args.rows,
+               ["kn us (TB/s)", "nk us (TB/s)"])
     save_rows(args.json, results)
 
 

@@ -23,7 +23,7 @@ import re
 
 import jax
 import jax.numpy as jnp
-from attention import gpu_time, save_rows
+from attention import gpu_time, print_grid, save_rows
 from jax import lax
 
 from jaxllm.models.quantization import FP8 as F8  # importing jaxllm sets its XLA flags before JAX's backend starts
@@ -122,11 +122,7 @@ def main() -> None:
                       f"err {err:.1e}; calls {calls}")
                 rows_out.append(dict(shape=name, rows=rows, variant=vname, us=t * 1e6, tbs=nbytes / t / 1e12,
                                      err=err, calls=calls))
-    print("\n| shape | rows | " + " | ".join(variants) + " |")
-    for name in args.shapes:
-        for rows in args.rows:
-            cells = [f"{r['us']:.1f}" for r in rows_out if r["shape"] == name and r["rows"] == rows]
-            print(f"| {name} | {rows} | " + " | ".join(cells) + " |")
+    print_grid(rows_out, ("shape", "rows"), args.shapes, args.rows, list(variants), cell=lambda r: f"{r['us']:.1f}")
     save_rows(args.json, rows_out)
 
 

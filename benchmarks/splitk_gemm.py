@@ -17,7 +17,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from attention import gpu_time, save_rows
+from attention import gpu_time, print_grid, save_rows
 from fp8_gemm import gemm_calls
 from jax import lax
 
@@ -74,12 +74,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     results = [r for case in args.cases for r in case_rows(case, args.rows, args.splits)]
-    print("\n| case | rows | " + " | ".join(f"{s} split(s) us (TB/s)" for s in args.splits) + " |")
-    print("| --- | --- |" + " --- |" * len(args.splits))
-    for case in args.cases:
-        for m in args.rows:
-            cells = [f"{r['us']:.1f} ({r['tbs']:.2f})" for r in results if r["case"] == case and r["rows"] == m]
-            print(f"| {case} | {m} | " + " | ".join(cells) + " |")
+    print_grid(results, ("case", "rows"), args.cases, args.rows, [f"{s} split(s) us (TB/s)" for s in args.splits])
     save_rows(args.json, results)
 
 
