@@ -40,6 +40,7 @@ def test_folded_norm_scales_match_transformers(tiny):
     name, path, hf = tiny
     model = load_model(str(path), dtype="float32").model
     model.layers.fold_norm_scales()
+    model.layers.fold_norm_scales()  # a second call changes nothing
     names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model.layers))}
     assert not names & {"input_norm", "post_attention_norm"}, names
     out = PagedRunner(model, page_size=8).step(dict(enumerate(PROMPTS)), pad_tokens=5)
