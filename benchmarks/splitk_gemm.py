@@ -18,6 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 from attention import gpu_time, print_grid, save_rows
+from bf16_gemm_layouts import relative_error
 from fp8_gemm import gemm_calls
 from jax import lax
 
@@ -57,8 +58,7 @@ def case_rows(name: str, rows: list[int], splits: list[int]) -> list[dict]:
         for s in splits:
             fn = loop(s)
             t = gpu_time(fn, x, w) / layers
-            got = jax.jit(split_matmul, static_argnums=3)(x, w, layers - 1, s).astype(jnp.float32)
-            err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+            err = relative_error(jax.jit(split_matmul, static_argnums=3)(x, w, layers - 1, s), ref)
             out.append(dict(case=name, rows=m, splits=s, us=t * 1e6, tbs=w[0].nbytes / t / 1e12, err=err,
                             calls=gemm_calls(fn, x, w)))
             print(f"{name} rows={m} splits={s}: {t * 1e6:.1f} us ({w[0].nbytes / t / 1e12:.2f} TB/s) err {err:.1e} "
@@ -73,6 +73,10 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(SHAPES))
     parser.add_argument("--json")
     args = parser.parse_args()
+    uneven = [(c, s) for c in args.cases for s in args.splits if SHAPES[c][0] % s]
+    if uneven:
+        named = ", ".join(f"{c} (K={SHAPES[c][0]}) by {s}" for c, s in uneven)
+        parser.error(f"--splits must divide each case's K: {named}")
     results = [r for case in args.cases for r in case_rows(case, args.rows, args.splits)]
     print_grid(results, ("case", "rows"), args.cases, args.rows, [f"{s} split(s) us (TB/s)" for s in args.splits])
     save_rows(args.json, results)
