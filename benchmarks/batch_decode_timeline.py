@@ -7,7 +7,8 @@ kernel, copies, the other XLA fusions) and the idle gaps, as `decode_timeline.py
 
     python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--calls 8]
         [--num-scheduler-steps 8] [--block-kv N] [--num-stages N] [--random-weights llama3-8b]
-        [--top-p P] [--top-k K] [--logprobs N] [--quantization fp8] [--profile-host PATH] [--output-json PATH]
+        [--top-p P] [--top-k K] [--logprobs N] [--quantization fp8] [--kv-cache-dtype fp8]
+        [--profile-host PATH] [--output-json PATH]
 
 `--top-p`, `--top-k` and `--logprobs` give every request those sampling settings (a batch that filters or
 wants logprobs runs the full sampler program: `sampling.SamplerKind`).
@@ -32,6 +33,7 @@ from jax.profiler import ProfileData
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.bench.presets import random_weights_dir
+from jaxllm.engine_config import KV_CACHE_DTYPES
 
 KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma")), ("attention", ("mosaic",)),
          ("copy", ("memcpy", "Memcpy")))
@@ -92,13 +94,15 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--logprobs", type=int)
     parser.add_argument("--quantization", choices=["fp8"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     parser.add_argument("--profile-host", help="write a cProfile of the untraced window here and print its top")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     blocks = {k: v for k, v in (("block_kv", args.block_kv), ("num_stages", args.num_stages)) if v}
     llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=1024, num_scheduler_steps=args.num_scheduler_steps, max_num_seqs=args.batch,
-              attention_block_sizes=blocks or None, quantization=args.quantization)
+              attention_block_sizes=blocks or None, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.llm_engine
     host = HostTimes(engine)
     rng = np.random.default_rng(0)

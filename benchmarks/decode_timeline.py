@@ -6,8 +6,8 @@ decoder layer's kernels in order (from one Mosaic GPU kernel to the next: with b
 kernel, so a whole layer; with `--quantization fp8` the FP8 GEMMs are Mosaic kernels too, so a part of one)
 with the idle time before each. The workload is `profile_decode.py`'s (`decode_workload`).
 
-    python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--quantization fp8] [--output-json PATH]
-        [--dump-hlo PATH]
+    python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--quantization fp8] [--kv-cache-dtype fp8]
+        [--output-json PATH] [--dump-hlo PATH]
 
 GPU busy here counts copies as well as kernels (CUPTI kernel records, as in `profile_decode.py`, miss copies
 made with `cudaMemcpyAsync`). `--dump-hlo` writes the optimized HLO of the smallest multi-step decode program.
@@ -25,6 +25,7 @@ import numpy as np
 from jax.profiler import ProfileData
 from profile_decode import TOKENS, by_name, decode_workload
 
+from jaxllm.engine_config import KV_CACHE_DTYPES
 from jaxllm.sampling import SamplerKind
 
 GAP_EDGES_US = (5, 20, 100, 1000)
@@ -121,11 +122,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
     parser.add_argument("--quantization", choices=["fp8"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     parser.add_argument("--output-json")
     parser.add_argument("--dump-hlo")
     args = parser.parse_args()
     llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16,
-                                     quantization=args.quantization)
+                                     quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
         key = min(k for k in runner._executables if k.num_steps > 1 and k.sampler is SamplerKind.PLAIN)

@@ -39,13 +39,13 @@ def cupti_kernels(fn) -> list[tuple[str, float]]:
 
 
 def decode_workload(num_scheduler_steps: int, max_num_batched_tokens: int | None = None,
-                    max_num_seqs: int | None = None, quantization: str | None = None
-                    ) -> tuple[LLM, Callable[[], None], float]:
+                    max_num_seqs: int | None = None, quantization: str | None = None,
+                    kv_cache_dtype: str = "auto") -> tuple[LLM, Callable[[], None], float]:
     """The engine and the call every decode profile looks at: generate TOKENS tokens after a 512-token
     prompt. Returns the engine, the call, and its wall time in ms per token, timed once it is warm."""
     llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
               num_scheduler_steps=num_scheduler_steps, max_num_batched_tokens=max_num_batched_tokens,
-              max_num_seqs=max_num_seqs, quantization=quantization)
+              max_num_seqs=max_num_seqs, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     prompt = [{"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, 512).tolist()}]
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=TOKENS)
 

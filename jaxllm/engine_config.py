@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from jaxllm import distributed
 from jaxllm.models.quantization import check_method
@@ -19,6 +20,10 @@ _ACCELERATOR_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "n
 _CPU_DEFAULTS = {"max_num_seqs": 16, "max_num_batched_tokens": 256, "num_scheduler_steps": 1}
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV cache on CPU when num_gpu_blocks_override is not given
 MIN_TOKEN_BUCKET = 16
+# vLLM's --kv-cache-dtype values: "auto" stores K/V in the model's dtype; the 8-bit floats store them as they
+# are, saturated to the format's range (a scale of 1, vLLM's default when a checkpoint carries no k/v scales).
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
+                   "fp8_e5m2": jnp.float8_e5m2}
 
 
 @dataclasses.dataclass
@@ -33,6 +38,7 @@ class EngineConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: "fp8" halves the cache's bytes (twice the pages)
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -90,6 +96,7 @@ class EngineConfig:
                 isinstance(v, int) and v >= 1 for v in self.attention_block_sizes.values()),
              "attention_block_sizes", "must map kernel block-size names to positive integers"),
             (self.distributed_heartbeat_timeout >= 1, "distributed_heartbeat_timeout", "must be at least 1"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -109,6 +116,10 @@ class EngineConfig:
         if self.dtype == "auto" and jax.default_backend() == "cpu":
             return "float32"
         return self.dtype
+
+    def cache_dtype(self, model_dtype) -> jnp.dtype:
+        """The KV cache's element type for a model computing in `model_dtype`."""
+        return jnp.dtype(KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype)
 
     def token_buckets(self) -> list[int]:
         """Padded token counts of a step: powers of two from 16 up to `max_num_batched_tokens`."""

@@ -213,6 +213,7 @@ class ModelRunner:
         self.num_scheduler_steps = config.num_scheduler_steps
         self.mesh, self.rules = mesh, rules
         self.kv_cache: jax.Array | None = None
+        self.cache_dtype = config.cache_dtype(self.model_config.jnp_dtype)
         self.cache_sharding = self._cache_sharding(1)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         rows, vocab = config.max_num_seqs, self.model_config.vocab_size
@@ -253,10 +254,10 @@ class ModelRunner:
         device's KV heads, or all of them where the heads are replicated)."""
         shape = self._cache_shape(1)
         per_device = self._cache_sharding(1).shard_shape(shape)
-        return math.prod(per_device) * np.dtype(self.model_config.jnp_dtype).itemsize
+        return math.prod(per_device) * self.cache_dtype.itemsize
 
     def allocate_kv_cache(self, num_pages: int) -> None:
-        shape, dtype = self._cache_shape(num_pages), self.model_config.jnp_dtype
+        shape, dtype = self._cache_shape(num_pages), self.cache_dtype
         self.kv_cache = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding)()
 
     def workspace_bytes(self) -> int:
@@ -267,7 +268,7 @@ class ModelRunner:
 
     def _compile(self, key: StepKey, num_pages: int):
         """The step compiled ahead of time for a cache of `num_pages` pages (the cache need not exist yet)."""
-        cache = jax.ShapeDtypeStruct(self._cache_shape(num_pages), self.model_config.jnp_dtype,
+        cache = jax.ShapeDtypeStruct(self._cache_shape(num_pages), self.cache_dtype,
                                      sharding=self._cache_sharding(num_pages))
         staging = self._staging[key.bucket]
         args = (self.params, cache, self.penalties, self.last_tokens, self.page_table, staging.ints, staging.floats)

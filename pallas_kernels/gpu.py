@@ -17,7 +17,11 @@ copies alone take as long), and neither more stages, an L2 prefetch nor a denser
 16-bit inputs (bfloat16, float16) go to the tensor cores as stored. float32 inputs are split into
 bfloat16 high and low halves (x = hi + lo) and each product is taken as hi.hi + hi.lo + lo.hi, about 16
 mantissa bits: wgmma reads V as stored (token-major) only for 16-bit operands, so float32 cannot use its
-tf32 mode here, and tf32 alone would be too coarse for float32 models anyway.
+tf32 mode here, and tf32 alone would be too coarse for float32 models anyway. An 8-bit float cache
+(`--kv-cache-dtype fp8`) is read at half the bytes and converted in the kernel to float16, which holds every
+e4m3 and e5m2 value exactly: each K and V block goes from its TMA stage through registers into a float16
+buffer the tensor cores read, V's conversion overlapping Q.K^T's wgmma, and queries and P meet them in
+float16 (the 8-bit FP8 wgmma would need V transposed and queries rounded to 8 bits).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class _Shapes:
     block_kv: int
     num_stages: int
     split_float32: bool = False  # float32 inputs, computed as bfloat16 high and low halves
+    cache_8bit: bool = False  # an 8-bit float cache, converted to float16 in the kernel
     # P reaches P.V through shared memory: float32's halves, and under the GPU interpreter, whose wgmma takes
     # shared-memory operands only (compiled 16-bit kernels keep P in registers)
     p_in_smem: bool = True
@@ -130,9 +135,9 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
     _check_inputs(q, kv_cache, shapes)
     plan = _tiled(plan, md, q, kv_cache)
     q_rows = _group_rows(q, plan.kernel.q_source, shapes)
-    q_parts = _split_halves(q_rows) if shapes.split_float32 else (q_rows,)
+    q_parts = _split_halves(q_rows) if shapes.split_float32 else (q_rows.astype(_mma_dtype(shapes, kv_cache.dtype)),)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    out, lse = _call_kernel(plan.kernel.tiles, layer, md.page_indices, q_parts, kv_cache, shapes, q.dtype,
+    out, lse = _call_kernel(plan.kernel.tiles, layer, md.page_indices, q_parts, kv_cache, shapes,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     return _gather_rows(out, lse, plan, q.shape, shapes).astype(q.dtype)
 
@@ -157,17 +162,25 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
         block_kv = ROWS  # the output tile reuses a float32 KV stage
     p_in_smem = split_float32 or jax.default_backend() != "gpu"
     shapes = _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits,
-                     block_kv, sizes.num_stages, split_float32, p_in_smem)
+                     block_kv, sizes.num_stages, split_float32, jnp.dtype(kv_cache.dtype).itemsize == 1, p_in_smem)
     return _fit_shared_memory(shapes, kv_cache.dtype)
+
+
+def _mma_dtype(shapes: _Shapes, cache_dtype):
+    """What the tensor cores read: float32's bfloat16 halves, float16 for an 8-bit cache, else the cache's own."""
+    if shapes.split_float32:
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(jnp.float16) if shapes.cache_8bit else jnp.dtype(cache_dtype)
 
 
 def _smem_bytes(shapes: _Shapes, dtype) -> int:
     """Shared memory of one block: the query tile(s), K and V stages, the row LSEs, P where it goes through
-    shared memory, and for float32 one bfloat16 K/V half."""
+    shared memory, for float32 one bfloat16 K/V half, and for an 8-bit cache a float16 K and V block."""
     item, halves = jnp.dtype(dtype).itemsize, 2 if shapes.split_float32 else 1
     size = halves * ROWS * shapes.head_dim * 2 + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
     size += ROWS * 4 + (ROWS * shapes.block_kv * 2 if shapes.p_in_smem else 0)
-    return size + (shapes.block_kv * shapes.head_dim * 2 if shapes.split_float32 else 0)
+    converted = 1 if shapes.split_float32 else 2 if shapes.cache_8bit else 0
+    return size + converted * shapes.block_kv * shapes.head_dim * 2
 
 
 def _fit_shared_memory(shapes: _Shapes, dtype) -> _Shapes:
@@ -181,9 +194,10 @@ def _fit_shared_memory(shapes: _Shapes, dtype) -> _Shapes:
 
 def _check_inputs(q: jax.Array, kv_cache: jax.Array, shapes: _Shapes) -> None:
     dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-    if q.dtype != kv_cache.dtype or jnp.dtype(q.dtype) not in dtypes:
-        raise NotImplementedError(f"pallas_gpu needs bfloat16, float16 or float32 queries and cache of one "
-                                  f"dtype, got {q.dtype} and {kv_cache.dtype}")
+    cache_8bit = jnp.dtype(kv_cache.dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+    if jnp.dtype(q.dtype) not in dtypes or not (q.dtype == kv_cache.dtype or cache_8bit):
+        raise NotImplementedError(f"pallas_gpu needs bfloat16, float16 or float32 queries and a cache of their "
+                                  f"dtype or of float8_e4m3fn / float8_e5m2, got {q.dtype} and {kv_cache.dtype}")
     if shapes.head_dim % 64:
         raise NotImplementedError(f"pallas_gpu needs a head dim that is a multiple of 64, got {shapes.head_dim}")
 
@@ -284,17 +298,20 @@ def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_s
     return merged.reshape(q_shape)
 
 
-def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes, dtype, **attn):
+def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes, **attn):
+    """The kernel's output tiles (float32 for float32 inputs, else what the tensor cores read) and, with KV
+    splits, their rows' log-sum-exps."""
     split = shapes.num_splits > 1
+    out_dtype = kv_cache.dtype if shapes.split_float32 else _mma_dtype(shapes, kv_cache.dtype)
     out_type = [jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS,
-                                      shapes.head_dim), dtype)]
+                                      shapes.head_dim), out_dtype)]
     if split:
         out_type.append(jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS),
                                              jnp.float32))
     body = functools.partial(_kernel, shapes=shapes, num_q=len(q_parts), **attn)
     with _interpret_off_gpu():
         results = plgpu.kernel(
-            body, out_type=tuple(out_type), scratch_types=_scratch(shapes, dtype, split),
+            body, out_type=tuple(out_type), scratch_types=_scratch(shapes, kv_cache.dtype, split),
             grid=(shapes.num_kv_heads, shapes.num_tiles, shapes.num_splits),
             grid_names=("kv_heads", "tiles", "splits"), compiler_params=_COMPILER_PARAMS,
         )(tiles, layer, page_indices, *q_parts, kv_cache)
@@ -302,18 +319,20 @@ def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes,
 
 
 def _scratch(shapes: _Shapes, dtype, split: bool) -> list:
-    """Query tile(s), K and V stages as the cache stores them, P (`p_in_smem`), row LSEs, barriers, and for
-    float32 one bfloat16 buffer holding a half of K or V at a time."""
-    mma_dtype = jnp.bfloat16 if shapes.split_float32 else dtype
+    """Query tile(s), K and V stages as the cache (`dtype`) stores them, P (`p_in_smem`), row LSEs, barriers;
+    for float32 one bfloat16 buffer holding a half of K or V at a time, for an 8-bit cache the float16 K and V
+    of one step."""
+    mma_dtype = _mma_dtype(shapes, dtype)
     d, bk = shapes.head_dim, shapes.block_kv
     kv_tile = (shapes.num_stages, bk, d)
     num_q = 2 if shapes.split_float32 else 1
+    converted = (1,) if shapes.split_float32 else (2,) if shapes.cache_8bit else None
     return [
         [plgpu.SMEM((ROWS, d), mma_dtype, transforms=_transforms(mma_dtype, d)) for _ in range(num_q)],
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM((ROWS, bk), mma_dtype, transforms=_transforms(mma_dtype, bk)) if shapes.p_in_smem else None,
-        plgpu.SMEM((bk, d), mma_dtype, transforms=_transforms(mma_dtype, d)) if shapes.split_float32 else None,
+        plgpu.SMEM(converted + (bk, d), mma_dtype, transforms=_transforms(mma_dtype, d)) if converted else None,
         plgpu.SMEM((ROWS,), jnp.float32) if split else None,
         plgpu.Barrier(num_arrivals=num_q),
         plgpu.Barrier(num_arrivals=2 * max(1, bk // shapes.page_size), num_barriers=shapes.num_stages),
@@ -341,13 +360,24 @@ class _Buffers:
     k: object  # [stages, block_kv, D] as the cache stores it
     v: object
     p: object | None  # [64, block_kv] 16-bit probabilities (or float32's halves) where `p_in_smem`
-    half: object | None  # float32 only: [block_kv, D] bfloat16, one half of K or V at a time
+    # float32: [1, block_kv, D] bfloat16, one half of K or V at a time; an 8-bit cache: [2, block_kv, D]
+    # float16, the step's K and V; None for 16-bit caches
+    converted: object | None
     lse: object | None
 
     @property
+    def float32(self) -> bool:
+        return len(self.q) == 2
+
+    @property
+    def half(self):
+        """float32's bfloat16 half of K or V."""
+        return self.converted.at[0]
+
+    @property
     def out(self):
-        """The output tile: the query tile for 16-bit inputs, a float32 KV stage (all consumed by then)."""
-        return self.k.at[0] if self.half is not None else self.q[0]
+        """The output tile: the query tile, or for float32 a KV stage (all consumed by then)."""
+        return self.k.at[0] if self.float32 else self.q[0]
 
 
 def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int, sm_scale: float,
@@ -355,8 +385,8 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
     q_refs, kv_ref, refs = refs[:num_q], refs[num_q], refs[num_q + 1:]
     split = shapes.num_splits > 1
     out_ref, lse_ref = (refs[0], refs[1]) if split else (refs[0], None)
-    q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
-    buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem)
+    q_smem, k_smem, v_smem, p_smem, converted_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
+    buf = _Buffers(q_smem, k_smem, v_smem, p_smem, converted_smem, lse_smem)
     head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
 
     @pl.when(tiles_ref[slot, 5] != 0)
@@ -464,9 +494,16 @@ def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, start,
 
 
 def _scores(buf: _Buffers, stage, acc_ref):
-    """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo."""
-    if buf.half is None:
+    """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo. An 8-bit cache's K
+    and V are converted to float16 here, V while the tensor cores take Q.K^T."""
+    if buf.converted is None:
         plgpu.wgmma(acc_ref, buf.q[0], buf.k.at[stage].transpose((1, 0)))
+        return acc_ref[...]
+    if not buf.float32:
+        key, value = buf.converted.at[0], buf.converted.at[1]
+        _stage_half(key, buf.k.at[stage][...].astype(key.dtype))
+        plgpu.wgmma(acc_ref, buf.q[0], key.transpose((1, 0)))
+        _stage_half(value, buf.v.at[stage][...].astype(value.dtype))
         return acc_ref[...]
     q_hi, q_lo = buf.q
     k_hi, k_lo = _split_halves(buf.k.at[stage][...])
@@ -483,11 +520,12 @@ def _scores(buf: _Buffers, stage, acc_ref):
 def _values(buf: _Buffers, stage, p, acc_ref):
     """P.V of one KV step into `acc_ref`. 16-bit P goes to the tensor cores from registers, as in
     FlashAttention-3 (no shared-memory round trip); float32 as p_hi.v_hi + p_lo.v_hi + p_hi.v_lo."""
-    if buf.half is None:
-        p = p.astype(buf.v.dtype)
+    if not buf.float32:
+        value = buf.v.at[stage] if buf.converted is None else buf.converted.at[1]
+        p = p.astype(value.dtype)
         if buf.p is not None:
             _stage_half(buf.p, p)
-        plgpu.wgmma(acc_ref, p if buf.p is None else buf.p, buf.v.at[stage])
+        plgpu.wgmma(acc_ref, p if buf.p is None else buf.p, value)
         return acc_ref[...]
     p_hi, p_lo = _split_halves(p)
     v_hi, v_lo = _split_halves(buf.v.at[stage][...])

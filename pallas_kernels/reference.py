@@ -25,8 +25,23 @@ def write_kv(
     page_size = kv_cache.shape[2]
     plan = plan or plan_rows(md, num_tokens, page_size)
     page = jnp.where(plan.valid, plan.page, kv_cache.shape[1])  # out of range: dropped
-    kv = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
-    return kv_cache.at[layer, page, plan.pos % page_size].set(kv.astype(kv_cache.dtype), mode="drop")
+    kv = to_cache_dtype(jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim), kv_cache.dtype)
+    if kv_cache.dtype.itemsize == 1:
+        # XLA computes a scatter into 8-bit floats in float16, converting the whole cache there and back: the
+        # bytes are scattered instead (4 ms a 1 GiB cache on a CPU, against 0.2 s).
+        bits = jax.lax.bitcast_convert_type(kv_cache, jnp.uint8)
+        bits = bits.at[layer, page, plan.pos % page_size].set(jax.lax.bitcast_convert_type(kv, jnp.uint8), mode="drop")
+        return jax.lax.bitcast_convert_type(bits, kv_cache.dtype)
+    return kv_cache.at[layer, page, plan.pos % page_size].set(kv, mode="drop")
+
+
+def to_cache_dtype(x: jax.Array, dtype) -> jax.Array:
+    """`x` as the cache stores it. 8-bit floats saturate at their largest finite value, as vLLM's FP8 cache
+    writes do (a plain cast would turn e4m3's overflow into NaN and e5m2's into infinity)."""
+    if jnp.dtype(dtype).itemsize == 1:
+        largest = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -largest, largest)
+    return x.astype(dtype)
 
 
 def attend(

@@ -3,11 +3,13 @@ preemption and chunked prefill, seeds, logprobs, no compilation after warm-up, n
 
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
 from tests.engine_fixtures import assert_idle, compilations, hf_greedy, hf_smollm2, start_logged, text_token_ids
+from tests.tiny_models import make_tiny
 
 CHATS = [
     "What is the capital of France?",
@@ -255,3 +257,27 @@ def test_start_up_logs_its_phases(tmp_path):
     assert int(match[3]) == len(llm.llm_engine.runner._executables) == int(match[5])  # a new cache: all compiled
     assert int(match[4]) == 0
     assert sum(phases) == pytest.approx(total, abs=0.2)
+
+
+def test_fp8_kv_cache_holds_more_pages_and_refuses_unknown_dtypes(tmp_path):
+    """`kv_cache_dtype="fp8"` (vLLM's `--kv-cache-dtype`): the cache stores float8_e4m3fn, a page takes a quarter
+    of the float32 model's bytes (so the same memory holds four times the pages), and greedy decoding runs on
+    it; an unknown dtype is refused by name."""
+    from jaxllm.engine_config import EngineConfig
+
+    make_tiny("llama", tmp_path / "model", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, vocab_size=128)
+    page_bytes, tokens = {}, {}
+    for dtype in ("auto", "fp8"):
+        llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=64, max_num_seqs=2,
+                  num_gpu_blocks_override=16, kv_cache_dtype=dtype, compilation_cache_dir=str(tmp_path / "xla"))
+        runner = llm.llm_engine.runner
+        page_bytes[dtype] = runner.page_bytes_per_device()
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        tokens[dtype] = llm.generate([{"prompt_token_ids": list(range(3, 40))}], params, use_tqdm=False)
+        assert_idle(llm.llm_engine)
+    assert runner.kv_cache.dtype == jnp.float8_e4m3fn and runner.kv_cache.nbytes == 16 * page_bytes["fp8"]
+    assert page_bytes["auto"] == 4 * page_bytes["fp8"]
+    assert len(tokens["fp8"][0].outputs[0].token_ids) == 8
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, bfloat16, fp8, fp8_e4m3, fp8_e5m2"):
+        EngineConfig(kv_cache_dtype="int8")

@@ -11,7 +11,7 @@ import pytest
 import pallas_kernels
 from jaxllm import LLM, SamplingParams
 from pallas_kernels import gpu
-from tests.test_reference_attention import dense_attention, random_batch
+from tests.test_reference_attention import CACHE_8BIT, attend_8bit_cache, dense_attention, max_row_error, random_batch
 from tests.tiny_models import make_tiny
 
 CASES = [
@@ -56,11 +56,26 @@ def test_float32_close_to_float32_reference(case):
     np.testing.assert_array_equal(out[n:], 0.0)
 
 
-def test_mixed_dtypes_are_refused_with_a_clear_error():
+@pytest.mark.parametrize("cache_dtype", CACHE_8BIT)
+@pytest.mark.parametrize("case,q_dtype", [(CASES[1], jnp.bfloat16), (CASES[3], jnp.bfloat16),
+                                          (CASES[2], jnp.float32)])
+def test_8bit_cache_matches_dense_attention_of_its_values(case, q_dtype, cache_dtype):
+    """An FP8 cache (`--kv-cache-dtype fp8`): K/V converted to float16 in the kernel, the same writes as the
+    reference's, every row within float16/bfloat16 rounding of the attention of the cached values."""
+    out, expected, n, new_cache, ref_cache = attend_8bit_cache(
+        gpu.ragged_paged_attention, *case[:-1], cache_dtype=cache_dtype, q_dtype=q_dtype,
+        sizes=gpu.BlockSizes(num_splits=case[-1]))
+    np.testing.assert_array_equal(np.asarray(new_cache, np.float32), np.asarray(ref_cache, np.float32))
+    assert max_row_error(out, expected, n) < 1e-2
+    np.testing.assert_array_equal(out[n:], 0.0)
+
+
+@pytest.mark.parametrize("q_dtype,cache_dtype", [(jnp.float16, jnp.bfloat16), (jnp.bfloat16, jnp.int8)])
+def test_mixed_dtypes_are_refused_with_a_clear_error(q_dtype, cache_dtype):
     rng = np.random.default_rng(0)
     q, k, v, cache, md = random_batch(rng, [1], [5], 4, 2, 64, 16)
-    with pytest.raises(NotImplementedError, match="one dtype"):
-        gpu.attend(jnp.asarray(q, jnp.float16), jnp.asarray(cache, jnp.bfloat16), md, 0, sm_scale=0.1,
+    with pytest.raises(NotImplementedError, match="a cache of their dtype or of float8_e4m3fn"):
+        gpu.attend(jnp.asarray(q, q_dtype), jnp.asarray(cache, cache_dtype), md, 0, sm_scale=0.1,
                    sliding_window=None, soft_cap=None, sizes=gpu.BlockSizes())
 
 
@@ -69,9 +84,11 @@ def test_backend_selection():
     assert pallas_kernels.resolve_backend("auto", jnp.bfloat16) == "reference"  # on CPU
 
 
-def test_engine_gives_the_reference_tokens(tmp_path):
+@pytest.mark.parametrize("kv_cache_dtype,tolerance", [("auto", 1e-4), ("fp8", 2e-3)])
+def test_engine_gives_the_reference_tokens(tmp_path, kv_cache_dtype, tolerance):
     """The interpreted kernel through the whole engine (float32, a sliding window, mixed prefill/decode):
-    the same greedy tokens, and the same log-probabilities of them and of the prompts."""
+    the same greedy tokens, and the same log-probabilities of them and of the prompts. With an FP8 cache both
+    backends attend over the same 8-bit values; the kernel computes in float16, the reference in float32."""
     make_tiny("mistral", tmp_path / "model", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
               head_dim=64, vocab_size=160)
     rng = np.random.default_rng(3)
@@ -81,12 +98,13 @@ def test_engine_gives_the_reference_tokens(tmp_path):
     for backend in ("reference", "pallas_gpu"):
         llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
                   max_num_batched_tokens=32, num_gpu_blocks_override=32, attention_backend=backend,
-                  compilation_cache_dir=str(tmp_path / "xla"))
+                  kv_cache_dtype=kv_cache_dtype, compilation_cache_dir=str(tmp_path / "xla"))
+        assert llm.llm_engine.runner.kv_cache.dtype == llm.llm_engine.config.cache_dtype(jnp.float32)
         results[backend] = [(o.outputs[0].token_ids, _chosen_logprobs(o)) for o in
                             llm.generate(prompts, params, use_tqdm=False)]
     for (ref_tokens, ref_lp), (tokens, lp) in zip(results["reference"], results["pallas_gpu"]):
         assert tokens == ref_tokens
-        np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(lp, ref_lp, rtol=tolerance, atol=tolerance)
 
 
 def test_norm_scales_are_folded_for_the_mosaic_gpu_kernels_only(tmp_path):

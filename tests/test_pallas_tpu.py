@@ -10,7 +10,7 @@ from jax.experimental.pallas import tpu as pltpu
 import pallas_kernels
 from jaxllm import LLM, SamplingParams
 from pallas_kernels import tpu
-from tests.test_reference_attention import CASES, dense_attention, random_batch
+from tests.test_reference_attention import CACHE_8BIT, CASES, attend_8bit_cache, dense_attention, random_batch
 from tests.tiny_models import make_tiny
 
 
@@ -35,6 +35,15 @@ def test_matches_dense_attention(q_lens, ctx, h, kvh, d, page, window, cap):
 def test_bfloat16_head_dims_and_page_sizes(d, page):
     out, expected, n = run_kernel([5, 1, 1], [300, 17, 64], 8, 2, d, page, None, None, dtype=jnp.bfloat16)
     assert np.linalg.norm(out[:n] - expected[:n]) / np.linalg.norm(expected[:n]) < 1e-2
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_8BIT)
+def test_8bit_cache_matches_dense_attention_of_its_values(cache_dtype):
+    """Under the interpreter only: Mosaic TPU's handling of 8-bit pages has not been run on a TPU."""
+    out, expected, n, new_cache, ref_cache = attend_8bit_cache(tpu.ragged_paged_attention, *CASES[5],
+                                                               cache_dtype=cache_dtype, q_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(new_cache, np.float32), np.asarray(ref_cache, np.float32))
+    np.testing.assert_allclose(out[:n], expected[:n], rtol=2e-5, atol=2e-5)
 
 
 def test_no_races_with_double_buffering():

@@ -1,10 +1,14 @@
-"""The reference ragged paged attention against a naive dense attention on random ragged batches."""
+"""The reference ragged paged attention against a naive dense attention on random ragged batches, with
+caches in the model's dtype and in 8-bit floats."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import AttentionMetadata, kv_cache_shape, ragged_paged_attention
+from pallas_kernels import AttentionMetadata, kv_cache_shape, ragged_paged_attention, reference
+from pallas_kernels.reference import to_cache_dtype
+
+CACHE_8BIT = [jnp.float8_e4m3fn, jnp.float8_e5m2]
 
 
 def random_batch(rng, q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, page_size, num_layers=2,
@@ -109,3 +113,52 @@ def test_bfloat16_close_to_float32():
     assert out.dtype == jnp.bfloat16 and new_cache.dtype == jnp.bfloat16
     expected = dense_attention(*(np.asarray(a, np.float32) for a in args), md, 0, 0.125)
     np.testing.assert_allclose(np.asarray(out, np.float32)[:8], expected[:8], rtol=2e-2, atol=2e-2)
+
+
+def attend_8bit_cache(impl, q_lens, ctx, h, kvh, d, page, window, cap, *, cache_dtype, q_dtype=jnp.bfloat16,
+                      **kwargs):
+    """`impl` (a backend's `ragged_paged_attention`) on a random batch whose cache holds `cache_dtype`, and the
+    dense attention of the values that cache holds (this step's K/V rounded as they are written). Returns
+    `(out, expected, real rows, the new cache, the reference's new cache)`."""
+    rng = np.random.default_rng(sum(ctx) + d + h)
+    q, k, v, cache, md = random_batch(rng, q_lens, ctx, h, kvh, d, page, max_seqs=len(q_lens) + 1)
+    q, k, v = (jnp.asarray(x, q_dtype) for x in (q, k, v))
+    cache = to_cache_dtype(jnp.asarray(3 * cache), cache_dtype)  # values up to ~15: e5m2's coarse steps show
+    sm_scale = 0.7 / np.sqrt(d)
+    out, new_cache = impl(q, k, v, cache, md, 1, sm_scale=sm_scale, sliding_window=window, soft_cap=cap, **kwargs)
+    _, ref_cache = reference.ragged_paged_attention(q, k, v, cache, md, 1, sm_scale=sm_scale)
+    stored = [np.asarray(to_cache_dtype(x, cache_dtype), np.float32) for x in (k, v)]
+    expected = dense_attention(np.asarray(q, np.float32), *stored, np.asarray(cache, np.float32), md, 1, sm_scale,
+                               window, cap)
+    return np.asarray(out, np.float32), expected, sum(q_lens), new_cache, ref_cache
+
+
+def max_row_error(out, expected, n) -> float:
+    """The largest relative error of a real query row."""
+    return float((np.linalg.norm(out[:n] - expected[:n], axis=(1, 2))
+                  / np.linalg.norm(expected[:n], axis=(1, 2))).max())
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_8BIT)
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]])
+def test_8bit_cache_matches_dense_attention_of_its_values(case, cache_dtype):
+    out, expected, n, new_cache, _ = attend_8bit_cache(ragged_paged_attention, *case, cache_dtype=cache_dtype,
+                                                       backend="reference")
+    assert new_cache.dtype == cache_dtype
+    assert max_row_error(out, expected, n) < 1e-2  # bfloat16 queries and output
+    np.testing.assert_array_equal(out[n:], 0.0)
+
+
+@pytest.mark.parametrize("cache_dtype,largest", [(jnp.float8_e4m3fn, 448.0), (jnp.float8_e5m2, 57344.0)])
+def test_8bit_cache_writes_saturate(cache_dtype, largest):
+    """K/V beyond the format's range are stored as its largest finite value, signed, never NaN or infinity."""
+    rng = np.random.default_rng(4)
+    q, k, v, cache, md = random_batch(rng, [2], [2], 2, 1, 8, 4)
+    k = np.full_like(k, 1e6)
+    v = np.full_like(v, -1e6)
+    _, new_cache = ragged_paged_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                          jnp.zeros(cache.shape, cache_dtype), md, 0, sm_scale=1.0)
+    page = int(md.page_indices[0, 0])
+    written = np.asarray(new_cache[0, page, :2], np.float32)
+    np.testing.assert_array_equal(written[:, 0], largest)
+    np.testing.assert_array_equal(written[:, 1], -largest)
