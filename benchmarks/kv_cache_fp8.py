@@ -10,7 +10,7 @@ Write: this step's K/V rows (256 tokens) scattered into one layer of a 32-layer 
 `reference.write_kv` does (the cache's bytes) and as a plain scatter of 8-bit floats would; the time and
 whether the compiled program touches the whole cache (a convert or copy of its shape).
 
-    python benchmarks/kv_cache_fp8.py [--output-json PATH]
+    python benchmarks/kv_cache_fp8.py [--block-kv 64] [--num-stages 2] [--attention-only] [--output-json PATH]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ CACHES = {"bfloat16": jnp.bfloat16, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": j
 PAGE = 16
 
 
-def attention_rows(key: jax.Array) -> list[dict]:
+def attention_rows(key: jax.Array, sizes: gpu.BlockSizes) -> list[dict]:
     """One row per shape and cache dtype: time, KV bytes, bandwidth, worst row error."""
     rows = []
     for batch, context in SHAPES:
@@ -40,7 +40,7 @@ def attention_rows(key: jax.Array) -> list[dict]:
         for name, dtype in CACHES.items():
             stored = to_cache_dtype(cache, dtype)
             fn = jax.jit(lambda q, c, md: gpu.attend(q, c, md, 0, sm_scale=HEAD_DIM**-0.5, sliding_window=None,
-                                                     soft_cap=None, sizes=gpu.BlockSizes()))
+                                                     soft_cap=None, sizes=sizes))
             out = fn(q, stored, md)
             expected = reference.attend(q.astype(jnp.float32), stored, md, 0, sm_scale=HEAD_DIM**-0.5)
             err = jnp.linalg.norm(out.astype(jnp.float32) - expected, axis=(1, 2)) / jnp.linalg.norm(
@@ -94,16 +94,19 @@ def _time_donated(step, k, v, cache, md, iterations: int = 10) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--block-kv", type=int, default=gpu.BlockSizes.block_kv)
+    parser.add_argument("--num-stages", type=int, default=gpu.BlockSizes.num_stages)
+    parser.add_argument("--attention-only", action="store_true", help="leave out the write rows")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     key = jax.random.key(0)
-    attention = attention_rows(key)
+    attention = attention_rows(key, gpu.BlockSizes(block_kv=args.block_kv, num_stages=args.num_stages))
     print("\n| batch x context | " + " | ".join(CACHES) + " |\n|" + " --- |" * (len(CACHES) + 1))
     for batch, context in SHAPES:
         cells = [f"{r['us']:.1f} us ({r['tbs']:.2f} TB/s, err {r['max_row_error']:.1e})" for r in attention
                  if (r["batch"], r["context"]) == (batch, context)]
         print(f"| {batch} x {context} | " + " | ".join(cells) + " |")
-    writes = write_rows(key)
+    writes = [] if args.attention_only else write_rows(key)
     save_rows(args.output_json, attention + writes)
 
 

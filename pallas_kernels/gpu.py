@@ -19,9 +19,10 @@ bfloat16 high and low halves (x = hi + lo) and each product is taken as hi.hi + 
 mantissa bits: wgmma reads V as stored (token-major) only for 16-bit operands, so float32 cannot use its
 tf32 mode here, and tf32 alone would be too coarse for float32 models anyway. An 8-bit float cache
 (`--kv-cache-dtype fp8`) is read at half the bytes and converted in the kernel to float16, which holds every
-e4m3 and e5m2 value exactly: each K and V block goes from its TMA stage through registers into a float16
-buffer the tensor cores read, V's conversion overlapping Q.K^T's wgmma, and queries and P meet them in
-float16 (the 8-bit FP8 wgmma would need V transposed and queries rounded to 8 bits).
+e4m3 and e5m2 value exactly: each K and V block goes from its TMA stage through registers into one float16
+buffer the tensor cores read, and queries and P meet them in float16 (the 8-bit FP8 wgmma would need V
+transposed and queries rounded to 8 bits). On an H100 that made decode attention 14-22% faster, not 2x
+(`benchmarks/kv_cache_fp8.py`): the conversion sits on each block's serial chain of work.
 """
 
 from __future__ import annotations
@@ -175,12 +176,12 @@ def _mma_dtype(shapes: _Shapes, cache_dtype):
 
 def _smem_bytes(shapes: _Shapes, dtype) -> int:
     """Shared memory of one block: the query tile(s), K and V stages, the row LSEs, P where it goes through
-    shared memory, for float32 one bfloat16 K/V half, and for an 8-bit cache a float16 K and V block."""
+    shared memory, and for float32 or an 8-bit cache one 16-bit K or V block (`_Buffers.half`)."""
     item, halves = jnp.dtype(dtype).itemsize, 2 if shapes.split_float32 else 1
     size = halves * ROWS * shapes.head_dim * 2 + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
     size += ROWS * 4 + (ROWS * shapes.block_kv * 2 if shapes.p_in_smem else 0)
-    converted = 1 if shapes.split_float32 else 2 if shapes.cache_8bit else 0
-    return size + converted * shapes.block_kv * shapes.head_dim * 2
+    converted = shapes.split_float32 or shapes.cache_8bit
+    return size + (shapes.block_kv * shapes.head_dim * 2 if converted else 0)
 
 
 def _fit_shared_memory(shapes: _Shapes, dtype) -> _Shapes:
@@ -319,20 +320,19 @@ def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes,
 
 
 def _scratch(shapes: _Shapes, dtype, split: bool) -> list:
-    """Query tile(s), K and V stages as the cache (`dtype`) stores them, P (`p_in_smem`), row LSEs, barriers;
-    for float32 one bfloat16 buffer holding a half of K or V at a time, for an 8-bit cache the float16 K and V
-    of one step."""
+    """Query tile(s), K and V stages as the cache (`dtype`) stores them, P (`p_in_smem`), the 16-bit K or V
+    block of float32 and 8-bit caches (`_Buffers.half`), row LSEs, barriers."""
     mma_dtype = _mma_dtype(shapes, dtype)
     d, bk = shapes.head_dim, shapes.block_kv
     kv_tile = (shapes.num_stages, bk, d)
     num_q = 2 if shapes.split_float32 else 1
-    converted = (1,) if shapes.split_float32 else (2,) if shapes.cache_8bit else None
+    converted = shapes.split_float32 or shapes.cache_8bit
     return [
         [plgpu.SMEM((ROWS, d), mma_dtype, transforms=_transforms(mma_dtype, d)) for _ in range(num_q)],
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM((ROWS, bk), mma_dtype, transforms=_transforms(mma_dtype, bk)) if shapes.p_in_smem else None,
-        plgpu.SMEM(converted + (bk, d), mma_dtype, transforms=_transforms(mma_dtype, d)) if converted else None,
+        plgpu.SMEM((bk, d), mma_dtype, transforms=_transforms(mma_dtype, d)) if converted else None,
         plgpu.SMEM((ROWS,), jnp.float32) if split else None,
         plgpu.Barrier(num_arrivals=num_q),
         plgpu.Barrier(num_arrivals=2 * max(1, bk // shapes.page_size), num_barriers=shapes.num_stages),
@@ -360,19 +360,14 @@ class _Buffers:
     k: object  # [stages, block_kv, D] as the cache stores it
     v: object
     p: object | None  # [64, block_kv] 16-bit probabilities (or float32's halves) where `p_in_smem`
-    # float32: [1, block_kv, D] bfloat16, one half of K or V at a time; an 8-bit cache: [2, block_kv, D]
-    # float16, the step's K and V; None for 16-bit caches
-    converted: object | None
+    # [block_kv, D]: float32's bfloat16 half of K or V, or an 8-bit cache's K or V in float16, one at a time;
+    # None for 16-bit caches, which the tensor cores read in their stages
+    half: object | None
     lse: object | None
 
     @property
     def float32(self) -> bool:
         return len(self.q) == 2
-
-    @property
-    def half(self):
-        """float32's bfloat16 half of K or V."""
-        return self.converted.at[0]
 
     @property
     def out(self):
@@ -385,8 +380,8 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
     q_refs, kv_ref, refs = refs[:num_q], refs[num_q], refs[num_q + 1:]
     split = shapes.num_splits > 1
     out_ref, lse_ref = (refs[0], refs[1]) if split else (refs[0], None)
-    q_smem, k_smem, v_smem, p_smem, converted_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
-    buf = _Buffers(q_smem, k_smem, v_smem, p_smem, converted_smem, lse_smem)
+    q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
+    buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem)
     head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
 
     @pl.when(tiles_ref[slot, 5] != 0)
@@ -494,16 +489,11 @@ def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, start,
 
 
 def _scores(buf: _Buffers, stage, acc_ref):
-    """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo. An 8-bit cache's K
-    and V are converted to float16 here, V while the tensor cores take Q.K^T."""
-    if buf.converted is None:
-        plgpu.wgmma(acc_ref, buf.q[0], buf.k.at[stage].transpose((1, 0)))
-        return acc_ref[...]
-    if not buf.float32:
-        key, value = buf.converted.at[0], buf.converted.at[1]
-        _stage_half(key, buf.k.at[stage][...].astype(key.dtype))
+    """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo; an 8-bit cache's K
+    converted to float16 first."""
+    if buf.half is None or not buf.float32:
+        key = buf.k.at[stage] if buf.half is None else _converted(buf.half, buf.k.at[stage])
         plgpu.wgmma(acc_ref, buf.q[0], key.transpose((1, 0)))
-        _stage_half(value, buf.v.at[stage][...].astype(value.dtype))
         return acc_ref[...]
     q_hi, q_lo = buf.q
     k_hi, k_lo = _split_halves(buf.k.at[stage][...])
@@ -521,7 +511,7 @@ def _values(buf: _Buffers, stage, p, acc_ref):
     """P.V of one KV step into `acc_ref`. 16-bit P goes to the tensor cores from registers, as in
     FlashAttention-3 (no shared-memory round trip); float32 as p_hi.v_hi + p_lo.v_hi + p_hi.v_lo."""
     if not buf.float32:
-        value = buf.v.at[stage] if buf.converted is None else buf.converted.at[1]
+        value = buf.v.at[stage] if buf.half is None else _converted(buf.half, buf.v.at[stage])
         p = p.astype(value.dtype)
         if buf.p is not None:
             _stage_half(buf.p, p)
@@ -540,6 +530,13 @@ def _values(buf: _Buffers, stage, p, acc_ref):
     _stage_half(buf.p, p_hi)
     plgpu.wgmma(acc_ref, buf.p, buf.half)
     return acc_ref[...]
+
+
+def _converted(half, stage):
+    """An 8-bit K or V stage converted into the 16-bit buffer `half` (read 4 bytes a thread at a time, the 8-bit
+    wgmma layout; 1% faster than 2) for the tensor cores; returns `half`."""
+    _stage_half(half, plgpu.load(stage, layout=plgpu.Layout.WGMMA_8BIT).astype(half.dtype))
+    return half
 
 
 def _stage_half(smem, value) -> None:
