@@ -19,10 +19,10 @@ bfloat16 high and low halves (x = hi + lo) and each product is taken as hi.hi + 
 mantissa bits: wgmma reads V as stored (token-major) only for 16-bit operands, so float32 cannot use its
 tf32 mode here, and tf32 alone would be too coarse for float32 models anyway. An 8-bit float cache
 (`--kv-cache-dtype fp8`) is read at half the bytes and converted in the kernel to float16, which holds every
-e4m3 and e5m2 value exactly, and queries and P meet K and V in float16 (the 8-bit FP8 wgmma would need V
-transposed and queries rounded to 8 bits). The conversion is a second warpgroup's work: it takes each K/V
-block from its TMA stage through registers into one of two float16 buffers and refills the stage, while the
-first warpgroup attends over the other buffer.
+e4m3 and e5m2 value exactly: each K and V block goes from its TMA stage through registers into one float16
+buffer the tensor cores read, and queries and P meet them in float16 (the 8-bit FP8 wgmma would need V
+transposed and queries rounded to 8 bits). On an H100 that made decode attention 14-22% faster, not 2x
+(`benchmarks/kv_cache_fp8.py`): the conversion sits on each block's serial chain of work.
 """
 
 from __future__ import annotations
@@ -180,13 +180,8 @@ def _smem_bytes(shapes: _Shapes, dtype) -> int:
     item, halves = jnp.dtype(dtype).itemsize, 2 if shapes.split_float32 else 1
     size = halves * ROWS * shapes.head_dim * 2 + 2 * shapes.num_stages * shapes.block_kv * shapes.head_dim * item
     size += ROWS * 4 + (ROWS * shapes.block_kv * 2 if shapes.p_in_smem else 0)
-    return size + _num_halves(shapes) * shapes.block_kv * shapes.head_dim * 2
-
-
-def _num_halves(shapes: _Shapes) -> int:
-    """16-bit K/V blocks in shared memory: float32's one half at a time; an 8-bit cache's K and V in two
-    buffers (the converter fills one while the other is attended over)."""
-    return 1 if shapes.split_float32 else 4 if shapes.cache_8bit else 0
+    converted = shapes.split_float32 or shapes.cache_8bit
+    return size + (shapes.block_kv * shapes.head_dim * 2 if converted else 0)
 
 
 def _fit_shared_memory(shapes: _Shapes, dtype) -> _Shapes:
@@ -320,30 +315,27 @@ def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes,
             body, out_type=tuple(out_type), scratch_types=_scratch(shapes, kv_cache.dtype, split),
             grid=(shapes.num_kv_heads, shapes.num_tiles, shapes.num_splits),
             grid_names=("kv_heads", "tiles", "splits"), compiler_params=_COMPILER_PARAMS,
-            num_threads=2 if shapes.cache_8bit else 1, thread_name="wg",
         )(tiles, layer, page_indices, *q_parts, kv_cache)
     return results[0], (results[1] if split else None)
 
 
 def _scratch(shapes: _Shapes, dtype, split: bool) -> list:
-    """Query tile(s), K and V stages as the cache (`dtype`) stores them, P (`p_in_smem`), the 16-bit K/V blocks
-    of float32 and 8-bit caches (`_Buffers.half`), row LSEs, barriers; for an 8-bit cache the converter's two
-    (a buffer converted, a buffer released)."""
+    """Query tile(s), K and V stages as the cache (`dtype`) stores them, P (`p_in_smem`), the 16-bit K or V
+    block of float32 and 8-bit caches (`_Buffers.half`), row LSEs, barriers."""
     mma_dtype = _mma_dtype(shapes, dtype)
     d, bk = shapes.head_dim, shapes.block_kv
     kv_tile = (shapes.num_stages, bk, d)
     num_q = 2 if shapes.split_float32 else 1
-    halves = {1: (bk, d), 4: (2, 2, bk, d)}.get(_num_halves(shapes))
+    converted = shapes.split_float32 or shapes.cache_8bit
     return [
         [plgpu.SMEM((ROWS, d), mma_dtype, transforms=_transforms(mma_dtype, d)) for _ in range(num_q)],
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM(kv_tile, dtype, transforms=_transforms(dtype, d)),
         plgpu.SMEM((ROWS, bk), mma_dtype, transforms=_transforms(mma_dtype, bk)) if shapes.p_in_smem else None,
-        plgpu.SMEM(halves, mma_dtype, transforms=_transforms(mma_dtype, d)) if halves else None,
+        plgpu.SMEM((bk, d), mma_dtype, transforms=_transforms(mma_dtype, d)) if converted else None,
         plgpu.SMEM((ROWS,), jnp.float32) if split else None,
         plgpu.Barrier(num_arrivals=num_q),
         plgpu.Barrier(num_arrivals=2 * max(1, bk // shapes.page_size), num_barriers=shapes.num_stages),
-        *([plgpu.Barrier(num_arrivals=1, num_barriers=2) for _ in range(2)] if shapes.cache_8bit else []),
     ]
 
 
@@ -368,8 +360,8 @@ class _Buffers:
     k: object  # [stages, block_kv, D] as the cache stores it
     v: object
     p: object | None  # [64, block_kv] 16-bit probabilities (or float32's halves) where `p_in_smem`
-    # float32: [block_kv, D], a bfloat16 half of K or V at a time; an 8-bit cache: [2, 2, block_kv, D], two
-    # buffers of K and V in float16; None for 16-bit caches, which the tensor cores read in their stages
+    # [block_kv, D]: float32's bfloat16 half of K or V, or an 8-bit cache's K or V in float16, one at a time;
+    # None for 16-bit caches, which the tensor cores read in their stages
     half: object | None
     lse: object | None
 
@@ -385,15 +377,12 @@ class _Buffers:
 
 def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int, sm_scale: float,
             sliding_window: int | None, soft_cap: float | None):
-    """One (KV head, query tile, KV split) block. One warpgroup fetches, attends and writes the output; with an
-    8-bit cache warpgroup 0 fetches and converts (`_convert_steps`) and warpgroup 1 attends and writes."""
     q_refs, kv_ref, refs = refs[:num_q], refs[num_q], refs[num_q + 1:]
     split = shapes.num_splits > 1
     out_ref, lse_ref = (refs[0], refs[1]) if split else (refs[0], None)
-    q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barrier, kv_barriers, *converter = refs[2 if split else 1:]
+    q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
     buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem)
     head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
-    wg = lax.axis_index("wg")
 
     @pl.when(tiles_ref[slot, 5] != 0)
     def _tile():
@@ -407,89 +396,28 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
         steps = jnp.maximum(jnp.minimum(start + per_part, hi) - start, 0)
         fetch = functools.partial(_fetch, pages_ref, kv_ref, k_smem, v_smem, kv_barriers, shapes,
                                   layer_ref[0], seq, head, start)
+        for j in range(shapes.num_stages):
+            pl.when(j < steps)(functools.partial(fetch, j))
+        rows = (jnp.minimum(offset + shapes.tokens_per_tile, q_len) - offset) * shapes.group
+        moved = functools.partial(_by_rows, rows, shapes)
 
-        @pl.when(wg == 0)
-        def _prologue():
-            for j in range(shapes.num_stages):
-                pl.when(j < steps)(functools.partial(fetch, j))
+        def load_q(n: int) -> None:
+            for q_ref, smem in zip(q_refs, q_smem):
+                plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, n)], smem.at[pl.ds(0, n)], q_barrier)
 
-        if converter:
-            converted, released = converter
-            pl.when(wg == 0)(lambda: _convert_steps(buf, kv_barriers, converted, released, fetch, shapes, steps))
-            wait = functools.partial(_wait_converted, buf, converted)
-            release = functools.partial(_release_converted, released, steps)
-        else:
-            wait = functools.partial(_wait_stage, buf, kv_barriers, shapes)
-            release = functools.partial(_refill_stage, fetch, shapes, steps)
-
-        @pl.when(wg == (1 if converter else 0))
-        def _attend():
-            rows = (jnp.minimum(offset + shapes.tokens_per_tile, q_len) - offset) * shapes.group
-            moved = functools.partial(_by_rows, rows, shapes)
-
-            def load_q(n: int) -> None:
-                for q_ref, smem in zip(q_refs, q_smem):
-                    plgpu.copy_gmem_to_smem(q_ref.at[head, pl.ds(first_row, n)], smem.at[pl.ds(0, n)], q_barrier)
-
-            moved(load_q)
-            plgpu.barrier_wait(q_barrier)
-            acc, m_i, l_i = _attend_steps(buf, wait, release, shapes, steps, start, first_pos,
-                                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-            buf.out[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(buf.out.dtype)
-            if split:
-                lse_smem[...] = m_i + jnp.log2(l_safe)
-            plgpu.commit_smem()
-            moved(lambda n: plgpu.copy_smem_to_gmem(buf.out.at[pl.ds(0, n)],
-                                                    out_ref.at[part, head, slot, pl.ds(0, n)]))
-            if split:
-                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[part, head, slot])
-            plgpu.wait_smem_to_gmem(0)
-
-
-def _wait_stage(buf: _Buffers, barriers, shapes: _Shapes, j):
-    """Step j's K and V as fetched: wait for its stage."""
-    stage = lax.rem(j, shapes.num_stages)
-    plgpu.barrier_wait(barriers.at[stage])
-    return buf.k.at[stage], buf.v.at[stage]
-
-
-def _refill_stage(fetch, shapes: _Shapes, steps, j) -> None:
-    """Step j's stage is consumed: fetch the step `num_stages` ahead into it."""
-    pl.when(j + shapes.num_stages < steps)(lambda: fetch(j + shapes.num_stages))
-
-
-def _wait_converted(buf: _Buffers, converted, j):
-    """Step j's K and V in float16 (an 8-bit cache): wait for the converter's buffer."""
-    half = lax.rem(j, 2)
-    plgpu.barrier_wait(converted.at[half])
-    return buf.half.at[half, 0], buf.half.at[half, 1]
-
-
-def _release_converted(released, steps, j) -> None:
-    """Step j's float16 buffer is consumed: hand it back to the converter, if it will fill it again (every
-    release is waited for)."""
-    pl.when(j + 2 < steps)(lambda: plgpu.barrier_arrive(released.at[lax.rem(j, 2)]))
-
-
-def _convert_steps(buf: _Buffers, stage_barriers, converted, released, fetch, shapes: _Shapes, steps) -> None:
-    """The converter warpgroup of an 8-bit cache: each step's K and V from their TMA stage through registers (4
-    bytes a thread at a time, the 8-bit wgmma layout) into float16 buffer `j % 2` once the attending warpgroup
-    has released it, then the stage refilled."""
-
-    def step(j, carry):
-        stage, half = lax.rem(j, shapes.num_stages), lax.rem(j, 2)
-        plgpu.barrier_wait(stage_barriers.at[stage])
-        pl.when(j >= 2)(lambda: plgpu.barrier_wait(released.at[half]))
-        for which, source in enumerate((buf.k, buf.v)):
-            target = buf.half.at[half, which]
-            target[...] = plgpu.load(source.at[stage], layout=plgpu.Layout.WGMMA_8BIT).astype(target.dtype)
-        plgpu.commit_smem()  # the stores, fenced for the tensor cores' async proxy, before the arrival
-        plgpu.barrier_arrive(converted.at[half])
-        _refill_stage(fetch, shapes, steps, j)
-        return carry
-
-    lax.fori_loop(0, steps, step, 0)
+        moved(load_q)
+        plgpu.barrier_wait(q_barrier)
+        acc, m_i, l_i = _attend_steps(buf, kv_barriers, fetch, shapes, steps, start, first_pos,
+                                      sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+        buf.out[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(buf.out.dtype)
+        if split:
+            lse_smem[...] = m_i + jnp.log2(l_safe)
+        plgpu.commit_smem()
+        moved(lambda n: plgpu.copy_smem_to_gmem(buf.out.at[pl.ds(0, n)], out_ref.at[part, head, slot, pl.ds(0, n)]))
+        if split:
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[part, head, slot])
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _by_rows(rows, shapes: _Shapes, move) -> None:
@@ -522,10 +450,9 @@ def _fetch(pages_ref, kv_ref, k_smem, v_smem, barriers, shapes: _Shapes, layer, 
         plgpu.copy_gmem_to_smem(kv_ref.at[layer, page, :, 2 * head + 1], v_smem.at[stage, rows], barrier)
 
 
-def _attend_steps(buf: _Buffers, wait, release, shapes: _Shapes, steps, start, first_pos, *,
+def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, start, first_pos, *,
                   sm_scale: float, sliding_window: int | None, soft_cap: float | None):
-    """The online-softmax loop over this block's KV steps (`wait(j)`: step j's K and V refs once they are
-    ready; `release(j)`: they are consumed); returns (acc, row max, row sum), log2 units."""
+    """The online-softmax loop over this block's KV steps; returns (acc, row max, row sum), log2 units."""
     wgmma = plgpu.Layout.WGMMA
     block = (ROWS, shapes.block_kv)
     q_pos = first_pos + plgpu.broadcasted_iota(jnp.int32, block, 0, layout=wgmma) // shapes.group
@@ -533,8 +460,9 @@ def _attend_steps(buf: _Buffers, wait, release, shapes: _Shapes, steps, start, f
 
     def step(j, carry):
         acc, m_i, l_i = carry
-        key, value = wait(j)
-        s = pl.run_scoped(functools.partial(_scores, buf, key), plgpu.ACC(block, jnp.float32))
+        stage = lax.rem(j, shapes.num_stages)
+        plgpu.barrier_wait(barriers.at[stage])
+        s = pl.run_scoped(functools.partial(_scores, buf, stage), plgpu.ACC(block, jnp.float32))
         if soft_cap is None:
             s = s * (sm_scale * _LOG2E)
         else:
@@ -549,9 +477,9 @@ def _attend_steps(buf: _Buffers, wait, release, shapes: _Shapes, steps, start, f
         alpha = jnp.exp2(m_i - m_use)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_use, block, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
-        pv = pl.run_scoped(functools.partial(_values, buf, value, p), plgpu.ACC(acc.shape, jnp.float32))
+        pv = pl.run_scoped(functools.partial(_values, buf, stage, p), plgpu.ACC(acc.shape, jnp.float32))
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
-        release(j)
+        pl.when(j + shapes.num_stages < steps)(lambda: fetch(j + shapes.num_stages))
         return acc, m_new, l_i
 
     init = (plgpu.layout_cast(jnp.zeros((ROWS, shapes.head_dim), jnp.float32), wgmma),
@@ -560,13 +488,15 @@ def _attend_steps(buf: _Buffers, wait, release, shapes: _Shapes, steps, start, f
     return lax.fori_loop(0, steps, step, init)
 
 
-def _scores(buf: _Buffers, key, acc_ref):
-    """Q.K^T of one KV step (`key`: its K block) into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo."""
-    if not buf.float32:
+def _scores(buf: _Buffers, stage, acc_ref):
+    """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo; an 8-bit cache's K
+    converted to float16 first."""
+    if buf.half is None or not buf.float32:
+        key = buf.k.at[stage] if buf.half is None else _converted(buf.half, buf.k.at[stage])
         plgpu.wgmma(acc_ref, buf.q[0], key.transpose((1, 0)))
         return acc_ref[...]
     q_hi, q_lo = buf.q
-    k_hi, k_lo = _split_halves(key[...])
+    k_hi, k_lo = _split_halves(buf.k.at[stage][...])
     key = buf.half.transpose((1, 0))
     _stage_half(buf.half, k_hi)
     plgpu.wgmma(acc_ref, q_hi, key)
@@ -577,18 +507,18 @@ def _scores(buf: _Buffers, key, acc_ref):
     return acc_ref[...]
 
 
-def _values(buf: _Buffers, value, p, acc_ref):
-    """P.V of one KV step (`value`: its V block) into `acc_ref`. 16-bit P goes to the tensor cores from
-    registers, as in FlashAttention-3 (no shared-memory round trip); float32 as p_hi.v_hi + p_lo.v_hi +
-    p_hi.v_lo."""
+def _values(buf: _Buffers, stage, p, acc_ref):
+    """P.V of one KV step into `acc_ref`. 16-bit P goes to the tensor cores from registers, as in
+    FlashAttention-3 (no shared-memory round trip); float32 as p_hi.v_hi + p_lo.v_hi + p_hi.v_lo."""
     if not buf.float32:
+        value = buf.v.at[stage] if buf.half is None else _converted(buf.half, buf.v.at[stage])
         p = p.astype(value.dtype)
         if buf.p is not None:
             _stage_half(buf.p, p)
         plgpu.wgmma(acc_ref, p if buf.p is None else buf.p, value)
         return acc_ref[...]
     p_hi, p_lo = _split_halves(p)
-    v_hi, v_lo = _split_halves(value[...])
+    v_hi, v_lo = _split_halves(buf.v.at[stage][...])
     _stage_half(buf.half, v_hi)
     _stage_half(buf.p, p_hi)
     plgpu.wgmma(acc_ref, buf.p, buf.half)
@@ -600,6 +530,13 @@ def _values(buf: _Buffers, value, p, acc_ref):
     _stage_half(buf.p, p_hi)
     plgpu.wgmma(acc_ref, buf.p, buf.half)
     return acc_ref[...]
+
+
+def _converted(half, stage):
+    """An 8-bit K or V stage converted into the 16-bit buffer `half` (read 4 bytes a thread at a time, the 8-bit
+    wgmma layout; 1% faster than 2) for the tensor cores; returns `half`."""
+    _stage_half(half, plgpu.load(stage, layout=plgpu.Layout.WGMMA_8BIT).astype(half.dtype))
+    return half
 
 
 def _stage_half(smem, value) -> None:
