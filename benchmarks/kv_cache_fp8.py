@@ -8,7 +8,8 @@ that implies, and each output's worst row error against the float32 reference at
 
 Write: this step's K/V rows (256 tokens) scattered into one layer of a 32-layer 8-bit cache, as
 `reference.write_kv` does (the cache's bytes) and as a plain scatter of 8-bit floats would; the time and
-whether the compiled program touches the whole cache (a convert or copy of its shape).
+the operations of the compiled program whose result has the whole cache's shape (the scatter itself, bitcasts,
+or converts and copies: the latter would mean the whole cache is rewritten each step).
 
     python benchmarks/kv_cache_fp8.py [--block-kv 64] [--num-stages 2] [--attention-only] [--output-json PATH]
 """
@@ -16,6 +17,7 @@ whether the compiled program touches the whole cache (a convert or copy of its s
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import jax
@@ -70,8 +72,8 @@ def write_rows(key: jax.Array, num_pages: int = 8192, tokens: int = 256) -> list
         step = jax.jit(fn, donate_argnums=(2,))
         cache = jnp.zeros(shape, jnp.float8_e4m3fn)
         hlo = step.lower(k, v, cache, md).compile().as_text()
-        whole = [line.split("=")[1].split("(")[0].strip() for line in hlo.splitlines()
-                 if f"[32,{num_pages},{PAGE}" in line.split("=")[-1][:80] and " = " in line]
+        shaped = re.compile(rf"= (\w+)\[{','.join(map(str, shape))}\]\S* ([\w-]+)\(")
+        whole = [" ".join(m.groups()) for m in map(shaped.search, hlo.splitlines()) if m]
         cache = step(k, v, cache, md)
         seconds = _time_donated(step, k, v, cache, md)
         rows.append({"write": name, "us": seconds * 1e6, "cache_gb": np.prod(shape) / 1e9,
