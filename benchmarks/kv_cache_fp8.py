@@ -40,11 +40,14 @@ def attention_rows(key: jax.Array, sizes: gpu.BlockSizes) -> list[dict]:
     for batch, context in SHAPES:
         q, cache, md = ragged_batch([1] * batch, [context] * batch, PAGE, key)
         for name, dtype in CACHES.items():
-            stored = to_cache_dtype(cache, dtype)
-            fn = jax.jit(lambda q, c, md: gpu.attend(q, c, md, 0, sm_scale=HEAD_DIM**-0.5, sliding_window=None,
-                                                     soft_cap=None, sizes=sizes))
+            stored, fmt = to_cache_dtype(cache, dtype), None
+            if jnp.dtype(dtype).itemsize == 1:  # stored as bytes, as the engine stores it
+                stored, fmt = jax.lax.bitcast_convert_type(stored, jnp.uint8), jnp.dtype(dtype).name
+            fn = jax.jit(lambda q, c, md, fmt=fmt: gpu.attend(q, c, md, 0, sm_scale=HEAD_DIM**-0.5, sizes=sizes,
+                                                              sliding_window=None, soft_cap=None, cache_format=fmt))
             out = fn(q, stored, md)
-            expected = reference.attend(q.astype(jnp.float32), stored, md, 0, sm_scale=HEAD_DIM**-0.5)
+            expected = reference.attend(q.astype(jnp.float32), stored, md, 0, sm_scale=HEAD_DIM**-0.5,
+                                        cache_format=fmt)
             err = jnp.linalg.norm(out.astype(jnp.float32) - expected, axis=(1, 2)) / jnp.linalg.norm(
                 expected, axis=(1, 2))
             seconds = gpu_time(fn, q, stored, md)
@@ -56,7 +59,8 @@ def attention_rows(key: jax.Array, sizes: gpu.BlockSizes) -> list[dict]:
 
 
 def write_rows(key: jax.Array, num_pages: int = 8192, tokens: int = 256) -> list[dict]:
-    """`reference.write_kv` against a plain 8-bit scatter into a [32, num_pages, 16, 16, 128] cache."""
+    """`reference.write_kv` into a [32, num_pages, 16, 16, 128] cache of float8_e4m3fn bytes, against a plain
+    scatter into a cache of float8_e4m3fn values."""
     shape = (32, num_pages, PAGE, 2 * KV_HEADS, HEAD_DIM)
     k, v = (jax.random.normal(s, (tokens, KV_HEADS, HEAD_DIM), jnp.bfloat16) for s in jax.random.split(key))
     _, _, md = ragged_batch([1] * tokens, [PAGE * (num_pages // tokens)] * tokens, PAGE, key)
@@ -66,11 +70,12 @@ def write_rows(key: jax.Array, num_pages: int = 8192, tokens: int = 256) -> list
         kv = jnp.stack([k, v], axis=2).reshape(tokens, 2 * KV_HEADS, HEAD_DIM)
         return cache.at[5, plan.page, plan.pos % PAGE].set(to_cache_dtype(kv, cache.dtype), mode="drop")
 
-    variants = {"bytes (write_kv)": lambda k, v, c, md: reference.write_kv(k, v, c, md, 5, plan), "plain": plain}
+    variants = {"bytes (write_kv)": (jnp.uint8, lambda k, v, c, md: reference.write_kv(
+        k, v, c, md, 5, plan, "float8_e4m3fn")), "plain": (jnp.float8_e4m3fn, plain)}
     rows = []
-    for name, fn in variants.items():
+    for name, (dtype, fn) in variants.items():
         step = jax.jit(fn, donate_argnums=(2,))
-        cache = jnp.zeros(shape, jnp.float8_e4m3fn)
+        cache = jnp.zeros(shape, dtype)
         hlo = step.lower(k, v, cache, md).compile().as_text()
         shaped = re.compile(rf"= (\w+)\[{','.join(map(str, shape))}\]\S* ([\w-]+)\(")
         whole = [" ".join(m.groups()) for m in map(shaped.search, hlo.splitlines()) if m]

@@ -118,7 +118,8 @@ class EngineConfig:
         return self.dtype
 
     def cache_dtype(self, model_dtype) -> jnp.dtype:
-        """The KV cache's element type for a model computing in `model_dtype`."""
+        """The type of the values the KV cache holds for a model computing in `model_dtype` (the runner stores
+        8-bit floats as bytes)."""
         return jnp.dtype(KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype)
 
     def token_buckets(self) -> list[int]:

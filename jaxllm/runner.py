@@ -206,6 +206,11 @@ class ModelRunner:
                  rules: ShardingRules = ShardingRules()):
         self.config = config
         self.model_config = model.cfg
+        # The values the cache holds, and how it stores them: an 8-bit float cache as bytes, which the model's
+        # attention reads as `kv_cache_format` (`pallas_kernels.reference.cache_values`).
+        self.cache_format = config.cache_dtype(model.cfg.jnp_dtype)
+        self.cache_dtype = jnp.dtype(jnp.uint8) if self.cache_format.itemsize == 1 else self.cache_format
+        model.kv_cache_format = self.cache_format.name if self.cache_format.itemsize == 1 else None
         self.graphdef, self.params = nnx.split(model)
         self.max_model_len = config.max_model_len
         self.pages_per_seq = -(-config.max_model_len // config.block_size)
@@ -213,7 +218,6 @@ class ModelRunner:
         self.num_scheduler_steps = config.num_scheduler_steps
         self.mesh, self.rules = mesh, rules
         self.kv_cache: jax.Array | None = None
-        self.cache_dtype = config.cache_dtype(self.model_config.jnp_dtype)
         self.cache_sharding = self._cache_sharding(1)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         rows, vocab = config.max_num_seqs, self.model_config.vocab_size

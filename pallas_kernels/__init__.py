@@ -64,8 +64,11 @@ def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            backend: str = "auto", heads_axis: str | None = None,
                            block_sizes: tuple[tuple[str, int], ...] | None = None,
-                           plan: AttentionPlan | None = None):
+                           plan: AttentionPlan | None = None, cache_format: str | None = None):
     """Returns `(out [T, H, D], kv_cache')`; the cache is updated in place when donated by the caller.
+
+    `cache_format`: for a cache of bytes (uint8), the 8-bit float type its entries hold (`float8_e4m3fn` or
+    `float8_e5m2`; `reference.cache_values` says why bytes); None for a cache of its values' own dtype.
 
     `plan`: the step's `plan_attention` for this backend (None: derived here, for this call alone).
 
@@ -74,8 +77,11 @@ def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *,
     opaque to XLA's partitioner, which would gather every head onto every device around it; so each
     device runs the kernel on its own heads (`shard_map`), as attention needs nothing from other heads."""
     name = resolve_backend(backend)
+    if (kv_cache.dtype == jnp.uint8) != (cache_format is not None):
+        raise ValueError(f"a cache of bytes needs its 8-bit float cache_format and only it takes one, got a "
+                         f"{kv_cache.dtype} cache and cache_format={cache_format!r}")
     impl = functools.partial(_BACKENDS[name], sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                             **_sizes(name, block_sizes))
+                             cache_format=cache_format, **_sizes(name, block_sizes))
     if name != "reference" and heads_axis is not None and not _interpreted_gpu_kernel(name):
         impl = _per_device_heads(impl, kv_cache, heads_axis)
     if plan is None:

@@ -18,11 +18,12 @@ copies alone take as long), and neither more stages, an L2 prefetch nor a denser
 bfloat16 high and low halves (x = hi + lo) and each product is taken as hi.hi + hi.lo + lo.hi, about 16
 mantissa bits: wgmma reads V as stored (token-major) only for 16-bit operands, so float32 cannot use its
 tf32 mode here, and tf32 alone would be too coarse for float32 models anyway. An 8-bit float cache
-(`--kv-cache-dtype fp8`) is read at half the bytes and converted in the kernel to float16, which holds every
-e4m3 and e5m2 value exactly: each K and V block goes from its TMA stage through registers into one float16
-buffer the tensor cores read, and queries and P meet them in float16 (the 8-bit FP8 wgmma would need V
-transposed and queries rounded to 8 bits). On an H100 that made decode attention 14-22% faster, not 2x
-(`benchmarks/kv_cache_fp8.py`): the conversion sits on each block's serial chain of work.
+(`--kv-cache-dtype fp8`, stored as bytes) is read at half the bytes and converted in the kernel to float16,
+which holds every e4m3 and e5m2 value exactly: each K and V block goes from its TMA stage through registers
+into one float16 buffer the tensor cores read, and queries and P meet them in float16 (the 8-bit FP8 wgmma
+would need V transposed and queries rounded to 8 bits). On an H100 that made decode attention 20-31% faster,
+not 2x (`benchmarks/kv_cache_fp8.py`): like the 16-bit kernel's, its time goes more to each block's serial
+chain of work than to its bytes.
 """
 
 from __future__ import annotations
@@ -76,7 +77,11 @@ class _Shapes:
     block_kv: int
     num_stages: int
     split_float32: bool = False  # float32 inputs, computed as bfloat16 high and low halves
-    cache_8bit: bool = False  # an 8-bit float cache, converted to float16 in the kernel
+    cache_format: str | None = None  # the 8-bit float type a byte cache holds, converted to float16 in the kernel
+
+    @property
+    def cache_8bit(self) -> bool:
+        return self.cache_format is not None
     # P reaches P.V through shared memory: float32's halves, and under the GPU interpreter, whose wgmma takes
     # shared-memory operands only (compiled 16-bit kernels keep P in registers)
     p_in_smem: bool = True
@@ -112,12 +117,13 @@ def plan_step(md: AttentionMetadata, num_tokens: int, page_size: int, group: int
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           sizes: BlockSizes | None = None, plan: AttentionPlan | None = None):
+                           sizes: BlockSizes | None = None, plan: AttentionPlan | None = None,
+                           cache_format: str | None = None):
     """Same contract as `pallas_kernels.reference.ragged_paged_attention`."""
     plan = _tiled(plan, md, q, kv_cache)
-    kv_cache = write_kv(k, v, kv_cache, md, layer, plan)
+    kv_cache = write_kv(k, v, kv_cache, md, layer, plan, cache_format)
     out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                 sizes=sizes or BlockSizes(), plan=plan)
+                 sizes=sizes or BlockSizes(), plan=plan, cache_format=cache_format)
     return out, kv_cache
 
 
@@ -129,11 +135,12 @@ def _tiled(plan: AttentionPlan | None, md: AttentionMetadata, q: jax.Array, kv_c
 
 
 def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, sliding_window: int | None,
-           soft_cap: float | None, sizes: BlockSizes, plan: AttentionPlan | None = None) -> jax.Array:
+           soft_cap: float | None, sizes: BlockSizes, plan: AttentionPlan | None = None,
+           cache_format: str | None = None) -> jax.Array:
     """Attention of `q [T, H, D]` over the cache: query regrouping in XLA (by the plan's tables), the kernel,
     the split merge and the row gather back to `[T, H, D]` in XLA."""
-    shapes = _plan(q.shape, kv_cache, md, sizes)
-    _check_inputs(q, kv_cache, shapes)
+    _check_inputs(q, kv_cache, cache_format)
+    shapes = _plan(q.shape, kv_cache, md, sizes, cache_format)
     plan = _tiled(plan, md, q, kv_cache)
     q_rows = _group_rows(q, plan.kernel.q_source, shapes)
     q_parts = _split_halves(q_rows) if shapes.split_float32 else (q_rows.astype(_mma_dtype(shapes, kv_cache.dtype)),)
@@ -143,7 +150,8 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
     return _gather_rows(out, lse, plan, q.shape, shapes).astype(q.dtype)
 
 
-def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, sizes: BlockSizes) -> _Shapes:
+def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, sizes: BlockSizes,
+          cache_format: str | None) -> _Shapes:
     num_tokens, num_heads, head_dim = q_shape
     page_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3] // 2
     group = num_heads // num_kv_heads
@@ -163,7 +171,7 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
         block_kv = ROWS  # the output tile reuses a float32 KV stage
     p_in_smem = split_float32 or jax.default_backend() != "gpu"
     shapes = _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits,
-                     block_kv, sizes.num_stages, split_float32, jnp.dtype(kv_cache.dtype).itemsize == 1, p_in_smem)
+                     block_kv, sizes.num_stages, split_float32, cache_format, p_in_smem)
     return _fit_shared_memory(shapes, kv_cache.dtype)
 
 
@@ -193,14 +201,15 @@ def _fit_shared_memory(shapes: _Shapes, dtype) -> _Shapes:
     return shapes
 
 
-def _check_inputs(q: jax.Array, kv_cache: jax.Array, shapes: _Shapes) -> None:
+def _check_inputs(q: jax.Array, kv_cache: jax.Array, cache_format: str | None) -> None:
     dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-    cache_8bit = jnp.dtype(kv_cache.dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
-    if jnp.dtype(q.dtype) not in dtypes or not (q.dtype == kv_cache.dtype or cache_8bit):
+    cache_8bit = kv_cache.dtype == jnp.uint8 and cache_format in ("float8_e4m3fn", "float8_e5m2")
+    if jnp.dtype(q.dtype) not in dtypes or not (q.dtype == kv_cache.dtype and cache_format is None or cache_8bit):
         raise NotImplementedError(f"pallas_gpu needs bfloat16, float16 or float32 queries and a cache of their "
-                                  f"dtype or of float8_e4m3fn / float8_e5m2, got {q.dtype} and {kv_cache.dtype}")
-    if shapes.head_dim % 64:
-        raise NotImplementedError(f"pallas_gpu needs a head dim that is a multiple of 64, got {shapes.head_dim}")
+                                  f"dtype or of float8_e4m3fn / float8_e5m2 bytes, got {q.dtype} and "
+                                  f"{kv_cache.dtype} (cache_format {cache_format})")
+    if q.shape[-1] % 64:
+        raise NotImplementedError(f"pallas_gpu needs a head dim that is a multiple of 64, got {q.shape[-1]}")
 
 
 def _num_tiles(num_tokens: int, group: int, max_num_seqs: int) -> int:
@@ -364,6 +373,7 @@ class _Buffers:
     # None for 16-bit caches, which the tensor cores read in their stages
     half: object | None
     lse: object | None
+    cache_format: str | None = None  # an 8-bit cache's float type (its stages hold bytes)
 
     @property
     def float32(self) -> bool:
@@ -381,7 +391,7 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
     split = shapes.num_splits > 1
     out_ref, lse_ref = (refs[0], refs[1]) if split else (refs[0], None)
     q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
-    buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem)
+    buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, shapes.cache_format)
     head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
 
     @pl.when(tiles_ref[slot, 5] != 0)
@@ -492,7 +502,7 @@ def _scores(buf: _Buffers, stage, acc_ref):
     """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo; an 8-bit cache's K
     converted to float16 first."""
     if buf.half is None or not buf.float32:
-        key = buf.k.at[stage] if buf.half is None else _converted(buf.half, buf.k.at[stage])
+        key = buf.k.at[stage] if buf.half is None else _converted(buf.half, buf.k.at[stage], buf.cache_format)
         plgpu.wgmma(acc_ref, buf.q[0], key.transpose((1, 0)))
         return acc_ref[...]
     q_hi, q_lo = buf.q
@@ -511,7 +521,7 @@ def _values(buf: _Buffers, stage, p, acc_ref):
     """P.V of one KV step into `acc_ref`. 16-bit P goes to the tensor cores from registers, as in
     FlashAttention-3 (no shared-memory round trip); float32 as p_hi.v_hi + p_lo.v_hi + p_hi.v_lo."""
     if not buf.float32:
-        value = buf.v.at[stage] if buf.half is None else _converted(buf.half, buf.v.at[stage])
+        value = buf.v.at[stage] if buf.half is None else _converted(buf.half, buf.v.at[stage], buf.cache_format)
         p = p.astype(value.dtype)
         if buf.p is not None:
             _stage_half(buf.p, p)
@@ -532,10 +542,11 @@ def _values(buf: _Buffers, stage, p, acc_ref):
     return acc_ref[...]
 
 
-def _converted(half, stage):
-    """An 8-bit K or V stage converted into the 16-bit buffer `half` (read 4 bytes a thread at a time, the 8-bit
-    wgmma layout; 1% faster than 2) for the tensor cores; returns `half`."""
-    _stage_half(half, plgpu.load(stage, layout=plgpu.Layout.WGMMA_8BIT).astype(half.dtype))
+def _converted(half, stage, cache_format: str):
+    """A K or V stage of 8-bit float bytes converted into the 16-bit buffer `half` (read 4 bytes a thread at a
+    time, the 8-bit wgmma layout; 1% faster than 2) for the tensor cores; returns `half`."""
+    stored = plgpu.load(stage, layout=plgpu.Layout.WGMMA_8BIT)
+    _stage_half(half, lax.bitcast_convert_type(stored, jnp.dtype(cache_format)).astype(half.dtype))
     return half
 
 

@@ -18,22 +18,27 @@ _MASKED = -1e30
 
 def write_kv(
     k: jax.Array, v: jax.Array, kv_cache: jax.Array, md: AttentionMetadata, layer: jax.Array | int,
-    plan: AttentionPlan | None = None,
+    plan: AttentionPlan | None = None, cache_format: str | None = None,
 ) -> jax.Array:
-    """Scatter this step's K/V rows `[T, KVH, D]` into their pages of `kv_cache[layer]`; padding rows are dropped."""
+    """Scatter this step's K/V rows `[T, KVH, D]` into their pages of `kv_cache[layer]`; padding rows are dropped.
+    `cache_format`: the 8-bit float type a byte (uint8) cache holds (`cache_values`)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     page_size = kv_cache.shape[2]
     plan = plan or plan_rows(md, num_tokens, page_size)
     page = jnp.where(plan.valid, plan.page, kv_cache.shape[1])  # out of range: dropped
-    kv = to_cache_dtype(jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim), kv_cache.dtype)
-    if kv_cache.dtype.itemsize == 1:
-        # On a CPU, XLA computes a scatter into 8-bit floats in float16, converting the whole cache there and
-        # back; scattering its bytes costs one copy there (84 ms against 235 for 164 MB). On an H100 neither form
-        # touches the whole cache (`benchmarks/kv_cache_fp8.py`).
-        bits = jax.lax.bitcast_convert_type(kv_cache, jnp.uint8)
-        bits = bits.at[layer, page, plan.pos % page_size].set(jax.lax.bitcast_convert_type(kv, jnp.uint8), mode="drop")
-        return jax.lax.bitcast_convert_type(bits, kv_cache.dtype)
+    kv = jnp.stack([k, v], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
+    kv = to_cache_dtype(kv, cache_format or kv_cache.dtype)
+    if cache_format is not None:
+        kv = jax.lax.bitcast_convert_type(kv, kv_cache.dtype)
     return kv_cache.at[layer, page, plan.pos % page_size].set(kv, mode="drop")
+
+
+def cache_values(stored: jax.Array, cache_format: str | None) -> jax.Array:
+    """Cache entries as values: a byte cache's as its 8-bit float `cache_format`, others as they are. 8-bit caches
+    are stored as bytes because XLA has no in-place update of 8-bit floats on a CPU: a scatter into one ran in
+    float16 over the whole cache there (235 ms for 164 MB), and a bitcast of the whole cache is a copy (84 ms). On
+    an H100 either form was in place (`benchmarks/kv_cache_fp8.py`)."""
+    return stored if cache_format is None else jax.lax.bitcast_convert_type(stored, jnp.dtype(cache_format))
 
 
 def to_cache_dtype(x: jax.Array, dtype) -> jax.Array:
@@ -55,6 +60,7 @@ def attend(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     plan: AttentionPlan | None = None,
+    cache_format: str | None = None,
 ) -> jax.Array:
     """Attention of query rows `q [T, H, D]` over the pages already holding their sequences' K/V."""
     num_tokens, num_heads, head_dim = q.shape
@@ -70,7 +76,8 @@ def attend(
         m, denom, acc = carry
         columns = jnp.minimum(j * span + jnp.arange(span), md.pages_per_seq - 1)
         pages = kv_cache[layer, md.page_indices[seq[:, None], columns[None, :]]]  # [T, span, P, 2*KVH, D]
-        pages = pages.reshape(num_tokens, block, 2 * num_kv_heads, head_dim).astype(jnp.float32)
+        pages = cache_values(pages, cache_format).reshape(num_tokens, block, 2 * num_kv_heads, head_dim)
+        pages = pages.astype(jnp.float32)
         k, v = pages[:, :, 0::2], pages[:, :, 1::2]
         s = jnp.einsum("tkgd,tpkd->tkgp", qg, k)
         if soft_cap is not None:
@@ -122,11 +129,12 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     plan: AttentionPlan | None = None,
+    cache_format: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Write this step's K/V into the cache, then attend; returns `(out [T, H, D], kv_cache')`. `plan`: the
-    step's `AttentionPlan` (derived from `md` when not given)."""
+    step's `AttentionPlan` (derived from `md` when not given). `cache_format`: see `cache_values`."""
     plan = plan or plan_rows(md, q.shape[0], kv_cache.shape[2])
-    kv_cache = write_kv(k, v, kv_cache, md, layer, plan)
+    kv_cache = write_kv(k, v, kv_cache, md, layer, plan, cache_format)
     out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                 plan=plan)
+                 plan=plan, cache_format=cache_format)
     return out, kv_cache

@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
-from pallas_kernels.reference import write_kv
+from pallas_kernels.reference import cache_values, write_kv
 
 _MASKED = -1e30
 
@@ -56,17 +56,19 @@ def block_sizes() -> BlockSizes:
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           sizes: BlockSizes | None = None, plan: AttentionPlan | None = None):
+                           sizes: BlockSizes | None = None, plan: AttentionPlan | None = None,
+                           cache_format: str | None = None):
     """Same contract as `pallas_kernels.reference.ragged_paged_attention`."""
     plan = plan or plan_rows(md, q.shape[0], kv_cache.shape[2])
-    kv_cache = write_kv(k, v, kv_cache, md, layer, plan)
+    kv_cache = write_kv(k, v, kv_cache, md, layer, plan, cache_format)
     out = attend(q, kv_cache, md, layer, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                 sizes=sizes or block_sizes(), plan=plan)
+                 sizes=sizes or block_sizes(), plan=plan, cache_format=cache_format)
     return out, kv_cache
 
 
 def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, sliding_window: int | None,
-           soft_cap: float | None, sizes: BlockSizes, plan: AttentionPlan | None = None):
+           soft_cap: float | None, sizes: BlockSizes, plan: AttentionPlan | None = None,
+           cache_format: str | None = None):
     num_tokens, num_heads, head_dim = q.shape
     page_size = kv_cache.shape[2]
     block_q = sizes.block_q
@@ -74,7 +76,7 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
     q_padded = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))  # a chunk may read past the last row
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q,
-        pages_per_block=pages_per_block, pages_per_seq=md.pages_per_seq)
+        pages_per_block=pages_per_block, pages_per_seq=md.pages_per_seq, cache_format=cache_format)
     num_kv_heads2 = kv_cache.shape[3]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
@@ -103,7 +105,7 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
 
 def _kernel(cu_ref, kv_lens_ref, pages_ref, num_seqs_ref, layer_ref, q_hbm, kv_hbm, out_hbm,
             q_buf, o_buf, kv_buf, kv_sems, io_sems, *, sm_scale, sliding_window, soft_cap, block_q,
-            pages_per_block, pages_per_seq):
+            pages_per_block, pages_per_seq, cache_format):
     seq = pl.program_id(0)
 
     @pl.when(seq < num_seqs_ref[0])
@@ -153,7 +155,8 @@ def _kernel(cu_ref, kv_lens_ref, pages_ref, num_seqs_ref, layer_ref, q_hbm, kv_h
                 def _():
                     start_block(j + 1, 1 - slot)
 
-                kv = kv_buf[slot].astype(jnp.float32).reshape(block_tokens, num_kv_heads, 2, head_dim)
+                kv = cache_values(kv_buf[slot], cache_format).astype(jnp.float32)
+                kv = kv.reshape(block_tokens, num_kv_heads, 2, head_dim)
                 keys, values = kv[:, :, 0, :], kv[:, :, 1, :]
                 s = jnp.einsum("qkgd,tkd->qkgt", qg, keys)
                 if soft_cap is not None:

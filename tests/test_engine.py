@@ -260,9 +260,9 @@ def test_start_up_logs_its_phases(tmp_path):
 
 
 def test_fp8_kv_cache_holds_more_pages_and_refuses_unknown_dtypes(tmp_path):
-    """`kv_cache_dtype="fp8"` (vLLM's `--kv-cache-dtype`): the cache stores float8_e4m3fn, a page takes a quarter
-    of the float32 model's bytes (so the same memory holds four times the pages), and greedy decoding runs on
-    it; an unknown dtype is refused by name."""
+    """`kv_cache_dtype="fp8"` (vLLM's `--kv-cache-dtype`): the cache holds float8_e4m3fn values as bytes, a page
+    takes a quarter of the float32 model's bytes (so the same memory holds four times the pages), and greedy
+    decoding runs on it; an unknown dtype is refused by name."""
     from jaxllm.engine_config import EngineConfig
 
     make_tiny("llama", tmp_path / "model", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -276,7 +276,8 @@ def test_fp8_kv_cache_holds_more_pages_and_refuses_unknown_dtypes(tmp_path):
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         tokens[dtype] = llm.generate([{"prompt_token_ids": list(range(3, 40))}], params, use_tqdm=False)
         assert_idle(llm.llm_engine)
-    assert runner.kv_cache.dtype == jnp.float8_e4m3fn and runner.kv_cache.nbytes == 16 * page_bytes["fp8"]
+    assert runner.cache_format == jnp.float8_e4m3fn and runner.kv_cache.dtype == jnp.uint8
+    assert runner.kv_cache.nbytes == 16 * page_bytes["fp8"]
     assert page_bytes["auto"] == 4 * page_bytes["fp8"]
     assert len(tokens["fp8"][0].outputs[0].token_ids) == 8
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, bfloat16, fp8, fp8_e4m3, fp8_e5m2"):

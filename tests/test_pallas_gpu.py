@@ -99,7 +99,7 @@ def test_engine_gives_the_reference_tokens(tmp_path, kv_cache_dtype, tolerance):
         llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
                   max_num_batched_tokens=32, num_gpu_blocks_override=32, attention_backend=backend,
                   kv_cache_dtype=kv_cache_dtype, compilation_cache_dir=str(tmp_path / "xla"))
-        assert llm.llm_engine.runner.kv_cache.dtype == llm.llm_engine.config.cache_dtype(jnp.float32)
+        assert llm.llm_engine.runner.cache_format == llm.llm_engine.config.cache_dtype(jnp.float32)
         results[backend] = [(o.outputs[0].token_ids, _chosen_logprobs(o)) for o in
                             llm.generate(prompts, params, use_tqdm=False)]
     for (ref_tokens, ref_lp), (tokens, lp) in zip(results["reference"], results["pallas_gpu"]):

@@ -180,3 +180,25 @@ def test_microbatch_counts(monkeypatch):
     monkeypatch.setattr(pipeline, "MIN_MICROBATCH_ROWS", DEFAULT_MICROBATCH_ROWS)
     counts = [num_microbatches(tokens, stages) for tokens, stages in [(256, 2), (2048, 2), (2048, 4), (8192, 4)]]
     assert counts == [1, 2, 2, 4]
+
+
+def test_fp8_kv_cache_under_pipeline_and_tensor_parallelism(tmp_path):
+    """An 8-bit cache (bytes) sharded by stage and KV head gives one device's greedy tokens and log-probabilities."""
+    make_tiny("llama", tmp_path / "model")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    prompts = [{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[1]}]
+    results = []
+    for stages, tensor in ((1, 1), (2, 2)):
+        llm = LLM(str(tmp_path / "model"), skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+                  num_gpu_blocks_override=16, kv_cache_dtype="fp8", tensor_parallel_size=tensor,
+                  pipeline_parallel_size=stages, compilation_cache_dir=str(tmp_path / "xla"))
+        cache = llm.llm_engine.runner.kv_cache
+        assert cache.dtype == jnp.uint8
+        heads = PartitionSpec("pipeline", None, None, "tensor", None)
+        assert cache.sharding.spec == (PartitionSpec(*[None] * 5) if stages == 1 else heads)
+        results.append([(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids,
+                                                                                   o.outputs[0].logprobs)])
+                        for o in llm.generate(prompts, params, use_tqdm=False)])
+    for (tokens, logprobs), (base_tokens, base_logprobs) in zip(results[1], results[0]):
+        assert tokens == base_tokens
+        np.testing.assert_allclose(logprobs, base_logprobs, rtol=1e-5, atol=1e-5)

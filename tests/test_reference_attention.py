@@ -1,6 +1,7 @@
 """The reference ragged paged attention against a naive dense attention on random ragged batches, with
-caches in the model's dtype and in 8-bit floats."""
+caches in the model's dtype and of 8-bit floats (stored as bytes)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -117,20 +118,24 @@ def test_bfloat16_close_to_float32():
 
 def attend_8bit_cache(impl, q_lens, ctx, h, kvh, d, page, window, cap, *, cache_dtype, q_dtype=jnp.bfloat16,
                       **kwargs):
-    """`impl` (a backend's `ragged_paged_attention`) on a random batch whose cache holds `cache_dtype`, and the
-    dense attention of the values that cache holds (this step's K/V rounded as they are written). Returns
-    `(out, expected, real rows, the new cache, the reference's new cache)`."""
+    """`impl` (a backend's `ragged_paged_attention`) on a random batch whose cache holds `cache_dtype` values as
+    bytes, and the dense attention of the values that cache holds (this step's K/V rounded as they are written).
+    Returns `(out, expected, real rows, the new cache, the reference's new cache)`, the caches as values."""
     rng = np.random.default_rng(sum(ctx) + d + h)
     q, k, v, cache, md = random_batch(rng, q_lens, ctx, h, kvh, d, page, max_seqs=len(q_lens) + 1)
     q, k, v = (jnp.asarray(x, q_dtype) for x in (q, k, v))
-    cache = to_cache_dtype(jnp.asarray(3 * cache), cache_dtype)  # values up to ~15: e5m2's coarse steps show
-    sm_scale = 0.7 / np.sqrt(d)
-    out, new_cache = impl(q, k, v, cache, md, 1, sm_scale=sm_scale, sliding_window=window, soft_cap=cap, **kwargs)
-    _, ref_cache = reference.ragged_paged_attention(q, k, v, cache, md, 1, sm_scale=sm_scale)
+    values = to_cache_dtype(jnp.asarray(3 * cache), cache_dtype)  # values up to ~15: e5m2's coarse steps show
+    cache = jax.lax.bitcast_convert_type(values, jnp.uint8)
+    fmt, sm_scale = jnp.dtype(cache_dtype).name, 0.7 / np.sqrt(d)
+    out, new_cache = impl(q, k, v, cache, md, 1, sm_scale=sm_scale, sliding_window=window, soft_cap=cap,
+                          cache_format=fmt, **kwargs)
+    _, ref_cache = reference.ragged_paged_attention(q, k, v, cache, md, 1, sm_scale=sm_scale, cache_format=fmt)
     stored = [np.asarray(to_cache_dtype(x, cache_dtype), np.float32) for x in (k, v)]
-    expected = dense_attention(np.asarray(q, np.float32), *stored, np.asarray(cache, np.float32), md, 1, sm_scale,
+    expected = dense_attention(np.asarray(q, np.float32), *stored, np.asarray(values, np.float32), md, 1, sm_scale,
                                window, cap)
-    return np.asarray(out, np.float32), expected, sum(q_lens), new_cache, ref_cache
+    assert new_cache.dtype == jnp.uint8
+    as_values = [np.asarray(reference.cache_values(c, fmt), np.float32) for c in (new_cache, ref_cache)]
+    return np.asarray(out, np.float32), expected, sum(q_lens), *as_values
 
 
 def max_row_error(out, expected, n) -> float:
@@ -142,9 +147,8 @@ def max_row_error(out, expected, n) -> float:
 @pytest.mark.parametrize("cache_dtype", CACHE_8BIT)
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]])
 def test_8bit_cache_matches_dense_attention_of_its_values(case, cache_dtype):
-    out, expected, n, new_cache, _ = attend_8bit_cache(ragged_paged_attention, *case, cache_dtype=cache_dtype,
-                                                       backend="reference")
-    assert new_cache.dtype == cache_dtype
+    out, expected, n, _, _ = attend_8bit_cache(ragged_paged_attention, *case, cache_dtype=cache_dtype,
+                                               backend="reference")
     assert max_row_error(out, expected, n) < 1e-2  # bfloat16 queries and output
     np.testing.assert_array_equal(out[n:], 0.0)
 
@@ -156,9 +160,18 @@ def test_8bit_cache_writes_saturate(cache_dtype, largest):
     q, k, v, cache, md = random_batch(rng, [2], [2], 2, 1, 8, 4)
     k = np.full_like(k, 1e6)
     v = np.full_like(v, -1e6)
+    fmt = jnp.dtype(cache_dtype).name
     _, new_cache = ragged_paged_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                          jnp.zeros(cache.shape, cache_dtype), md, 0, sm_scale=1.0)
+                                          jnp.zeros(cache.shape, jnp.uint8), md, 0, sm_scale=1.0, cache_format=fmt)
     page = int(md.page_indices[0, 0])
-    written = np.asarray(new_cache[0, page, :2], np.float32)
+    written = np.asarray(reference.cache_values(new_cache[0, page, :2], fmt), np.float32)
     np.testing.assert_array_equal(written[:, 0], largest)
     np.testing.assert_array_equal(written[:, 1], -largest)
+
+
+@pytest.mark.parametrize("cache,cache_format", [(jnp.uint8, None), (jnp.float32, "float8_e4m3fn")])
+def test_a_byte_cache_and_only_it_takes_a_cache_format(cache, cache_format):
+    q, k, v, cache_values, md = random_batch(np.random.default_rng(5), [1], [3], 2, 1, 8, 4)
+    with pytest.raises(ValueError, match="a cache of bytes needs its 8-bit float cache_format"):
+        ragged_paged_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.zeros(cache_values.shape, cache),
+                               md, 0, sm_scale=1.0, cache_format=cache_format)

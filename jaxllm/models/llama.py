@@ -52,7 +52,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
                  layer: jax.Array, backend: str, block_sizes: tuple | None = None,
-                 streamed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 streamed: jax.Array | None = None, cache_format: str | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         qkv = linear(x, self.qkv_proj, layer=streamed)
         if cfg.qkv_bias:
@@ -66,7 +66,8 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         out, kv_cache = pallas_kernels.ragged_paged_attention(
             q, k, v, kv_cache, md, layer, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
-            backend=backend, heads_axis=ShardingRules().kv_heads, block_sizes=block_sizes, plan=plan)
+            backend=backend, heads_axis=ShardingRules().kv_heads, block_sizes=block_sizes, plan=plan,
+            cache_format=cache_format)
         out = linear(out, self.o_proj, num_in=2, layer=streamed)
         if cfg.o_bias:
             out = out + self.o_bias[...]
@@ -103,10 +104,10 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
                  layer: jax.Array, backend: str, block_sizes: tuple | None = None,
-                 stream_fp8: bool = False) -> tuple[jax.Array, jax.Array]:
+                 stream_fp8: bool = False, cache_format: str | None = None) -> tuple[jax.Array, jax.Array]:
         streamed = layer if stream_fp8 else None
         h, kv_cache = self.attn(self._norm(x, "input_norm"), rope, kv_cache, md, plan, layer, backend, block_sizes,
-                                streamed)
+                                streamed, cache_format)
         x = x + h
         x = x + self.mlp(self._norm(x, "post_attention_norm"), streamed)
         return x, kv_cache
@@ -132,7 +133,11 @@ class LlamaForCausalLM(nnx.Module):
     """Token embeddings, a looped stack of decoder layers, final norm and the LM head (tied or not).
 
     `pipeline_stages` is the size of the mesh's `pipeline` axis the model will run on: the layer stack then
-    holds `padded_layers(num_layers, pipeline_stages)` layers, the ones past `num_layers` all zeros."""
+    holds `padded_layers(num_layers, pipeline_stages)` layers, the ones past `num_layers` all zeros.
+    `kv_cache_format`: the 8-bit float type of a cache stored as bytes, set by whoever allocates the cache
+    (`ModelRunner`); None for a cache of the K/V's own dtype."""
+
+    kv_cache_format: str | None = None
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attention_backend: str = "auto",
                  pipeline_stages: int = 1, attention_block_sizes: dict[str, int] | None = None):
@@ -184,7 +189,7 @@ class LlamaForCausalLM(nnx.Module):
             layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), sliced)
             layer = nnx.merge(graphdef, whole, layer_state)
             x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes,
-                                stream_fp8)
+                                stream_fp8, self.kv_cache_format)
             return index + 1, x, kv_cache
 
         # A while loop whose first element is its counter, as `scan` lowers to, with the weights sliced by that
