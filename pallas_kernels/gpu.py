@@ -78,10 +78,6 @@ class _Shapes:
     num_stages: int
     split_float32: bool = False  # float32 inputs, computed as bfloat16 high and low halves
     cache_format: str | None = None  # the 8-bit float type a byte cache holds, converted to float16 in the kernel
-
-    @property
-    def cache_8bit(self) -> bool:
-        return self.cache_format is not None
     # P reaches P.V through shared memory: float32's halves, and under the GPU interpreter, whose wgmma takes
     # shared-memory operands only (compiled 16-bit kernels keep P in registers)
     p_in_smem: bool = True
@@ -89,6 +85,10 @@ class _Shapes:
     @property
     def tokens_per_tile(self) -> int:
         return tokens_per_tile(self.group)
+
+    @property
+    def cache_8bit(self) -> bool:
+        return self.cache_format is not None
 
 
 def tokens_per_tile(group: int) -> int:
@@ -501,7 +501,7 @@ def _attend_steps(buf: _Buffers, barriers, fetch, shapes: _Shapes, steps, start,
 def _scores(buf: _Buffers, stage, acc_ref):
     """Q.K^T of one KV step into `acc_ref`; float32 as q_hi.k_hi + q_lo.k_hi + q_hi.k_lo; an 8-bit cache's K
     converted to float16 first."""
-    if buf.half is None or not buf.float32:
+    if not buf.float32:
         key = buf.k.at[stage] if buf.half is None else _converted(buf.half, buf.k.at[stage], buf.cache_format)
         plgpu.wgmma(acc_ref, buf.q[0], key.transpose((1, 0)))
         return acc_ref[...]
