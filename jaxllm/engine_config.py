@@ -20,8 +20,8 @@ _ACCELERATOR_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "n
 _CPU_DEFAULTS = {"max_num_seqs": 16, "max_num_batched_tokens": 256, "num_scheduler_steps": 1}
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV cache on CPU when num_gpu_blocks_override is not given
 MIN_TOKEN_BUCKET = 16
-# vLLM's --kv-cache-dtype values: "auto" stores K/V in the model's dtype; the 8-bit floats store them as they
-# are, saturated to the format's range (a scale of 1, vLLM's default when a checkpoint carries no k/v scales).
+# vLLM's --kv-cache-dtype values: "auto" stores K/V in the model's dtype; the 8-bit floats hold them saturated to
+# the format's range (a scale of 1, vLLM's default when a checkpoint carries no k/v scales), stored as bytes.
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
                    "fp8_e5m2": jnp.float8_e5m2}
 
