@@ -6,12 +6,14 @@ sequence) at batch x context shapes; median CUPTI kernel time of `gpu.attend` wi
 float8_e4m3fn / float8_e5m2 caches holding the same values rounded, the KV bytes each reads and the bandwidth
 that implies, and each output's worst row error against the float32 reference attention of the cached values.
 
-Write: this step's K/V rows (256 tokens) scattered into one layer of a 32-layer 8-bit cache, as
+Write: this step's K/V rows (`--tokens`, 256) scattered into one layer of a 32-layer 8-bit cache, as
 `reference.write_kv` does (the cache's bytes) and as a plain scatter of 8-bit floats would; the time and
 the operations of the compiled program whose result has the whole cache's shape (the scatter itself, bitcasts,
-or converts and copies: the latter would mean the whole cache is rewritten each step).
+or converts and copies: the latter would mean the whole cache is rewritten each step). `--write-only` runs
+anywhere, a CPU included (there with a smaller cache: `--num-pages 160 --tokens 16`).
 
-    python benchmarks/kv_cache_fp8.py [--block-kv 64] [--num-stages 2] [--attention-only] [--output-json PATH]
+    python benchmarks/kv_cache_fp8.py [--block-kv 64] [--num-stages 2] [--attention-only | --write-only]
+        [--num-pages 8192] [--tokens 256] [--output-json PATH]
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def write_rows(key: jax.Array, num_pages: int = 8192, tokens: int = 256) -> list
     scatter into a cache of float8_e4m3fn values."""
     shape = (32, num_pages, PAGE, 2 * KV_HEADS, HEAD_DIM)
     k, v = (jax.random.normal(s, (tokens, KV_HEADS, HEAD_DIM), jnp.bfloat16) for s in jax.random.split(key))
-    _, _, md = ragged_batch([1] * tokens, [PAGE * (num_pages // tokens)] * tokens, PAGE, key)
+    _, _, md = ragged_batch([1] * tokens, [PAGE * (num_pages // tokens)] * tokens, PAGE, key)  # every page once
     plan = plan_rows(md, tokens, PAGE)
 
     def plain(k, v, cache, md):
@@ -104,16 +106,22 @@ def main() -> None:
     parser.add_argument("--block-kv", type=int, default=gpu.BlockSizes.block_kv)
     parser.add_argument("--num-stages", type=int, default=gpu.BlockSizes.num_stages)
     parser.add_argument("--attention-only", action="store_true", help="leave out the write rows")
+    parser.add_argument("--write-only", action="store_true", help="leave out the attention rows")
+    parser.add_argument("--num-pages", type=int, default=8192, help="pages of the written cache")
+    parser.add_argument("--tokens", type=int, default=256, help="K/V rows written")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     key = jax.random.key(0)
+    writes = [] if args.attention_only else write_rows(key, args.num_pages, args.tokens)
+    if args.write_only:
+        save_rows(args.output_json, writes)
+        return
     attention = attention_rows(key, gpu.BlockSizes(block_kv=args.block_kv, num_stages=args.num_stages))
     print("\n| batch x context | " + " | ".join(CACHES) + " |\n|" + " --- |" * (len(CACHES) + 1))
     for batch, context in SHAPES:
         cells = [f"{r['us']:.1f} us ({r['tbs']:.2f} TB/s, err {r['max_row_error']:.1e})" for r in attention
                  if (r["batch"], r["context"]) == (batch, context)]
         print(f"| {batch} x {context} | " + " | ".join(cells) + " |")
-    writes = [] if args.attention_only else write_rows(key)
     save_rows(args.output_json, attention + writes)
 
 
