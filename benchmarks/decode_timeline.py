@@ -1,6 +1,8 @@
 """Where batch-1 decode's wall time goes between GPU kernels: a `jax.profiler` trace of one generate call
-(64 tokens after a 512-token prompt, Llama-3.1-8B shape, random bfloat16 weights), read back with
-`jax.profiler.ProfileData`. Reports GPU busy time (the union of kernel intervals), the busiest kernels and
+(65 tokens after a 512-token prompt, Llama-3.1-8B shape, random bfloat16 weights), read back with
+`jax.profiler.ProfileData`. Reports the untraced request's TPOT (time per output token after the first, vLLM's
+measure), TTFT and latency per token (prefill included), then, per decode token with the prefill's kernels
+spread over them, GPU busy time (the union of kernel intervals), the busiest kernels and
 copies, the idle gaps between kernels by size with the kernels on either side of the longest ones, and one
 decoder layer's kernels in order (from one Mosaic GPU kernel to the next: with bfloat16 weights the attention
 kernel, so a whole layer; with `--quantization fp8` the FP8 GEMMs are Mosaic kernels too, so a part of one)
@@ -126,7 +128,7 @@ def main() -> None:
     parser.add_argument("--output-json")
     parser.add_argument("--dump-hlo")
     args = parser.parse_args()
-    llm, run, wall = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16,
+    llm, run, times = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16,
                                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
@@ -137,8 +139,9 @@ def main() -> None:
     with jax.profiler.trace(trace_dir):
         run()
     summary = summarize(ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]))
-    summary["wall_ms_per_token"] = wall
-    print(f"wall {wall:.2f} ms/token untraced; traced: span {summary['span_ms_per_token']:.2f} ms/token, "
+    summary.update(wall_ms_per_token=times.per_token, tpot_ms=times.tpot, ttft_ms=times.ttft)
+    print(f"untraced: TPOT {times.tpot:.2f} ms, TTFT {times.ttft:.1f} ms, latency over {TOKENS} tokens "
+          f"{times.per_token:.2f} ms/token; traced: span {summary['span_ms_per_token']:.2f} ms/token, "
           f"GPU busy {summary['gpu_busy_ms_per_token']:.2f}, {summary['kernels_per_token']:.0f} kernels/token")
     print("| idle gap | gaps/token | idle ms/token |\n| --- | --- | --- |")
     for size, (count, ms) in summary["gaps_per_token_by_size"].items():

@@ -1,7 +1,8 @@
 """Batch-1 decode (Llama-3.1-8B shape, random bfloat16 weights) under several XLA GPU settings, each in its
 own process: `benchmarks/decode_timeline.py` (a small engine: buckets up to 512 tokens, 16 sequences) under the
-variant's `XLA_FLAGS`. Prints wall ms per token, GPU busy ms per token (kernels and copies, from a trace) and
-kernels and copies per token.
+variant's `XLA_FLAGS`. Prints TPOT (ms per output token after the first), latency per token with the prompt's
+prefill included (what it printed through session 14), GPU busy ms per token (kernels and copies, from a trace)
+and kernels and copies per token.
 
 XLA records CUDA graphs ("command buffers") for runs of fusions, GEMMs and custom calls by default and, by
 default, updates every recorded node on every run (`ALWAYS_UPDATE`); in the layer scan each iteration's
@@ -15,7 +16,8 @@ slices before Triton GEMMs (about 230 copies and 9.6 ms per token on an H100), w
 `dot_merger` turns XLA's dot merger back on, which concatenates each layer's q, k and v weights.
 `conditional` adds `cond`s to command buffers (run on the device where every branch can be recorded).
 `loops_captured` is `unrolled_graph` with XLA's default command types kept: the GEMMs on layer slices are
-dynamic-slice fusions, so `unrolled_graph` could not capture the layer scan at all.
+dynamic-slice fusions, so `unrolled_graph` could not capture the layer scan at all. `while_node` captures the
+layer loop without unrolling it, as a CUDA graph conditional (while) node.
 `cublaslt` runs the GEMMs through cuBLASLt, whose algorithms XLA autotunes (`cublaslt_autotune_all` at the
 highest autotuning level), instead of legacy cuBLAS: the small batch-1 GEMMs reach only 1.9-2.7 TB/s.
 `trace_cache_N` keeps N recorded traces per command (XLA's default is 16): a cuBLAS GEMM in a command buffer
@@ -50,6 +52,7 @@ VARIANTS = {
     "loops_captured": f"--xla_gpu_enable_command_buffer={DEFAULT_TYPES},WHILE,CONDITIONAL {UNROLL}",
     "loops_captured_skip_temp": f"--xla_gpu_enable_command_buffer={DEFAULT_TYPES},WHILE,CONDITIONAL {UNROLL} "
                                 "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
+    "while_node": f"--xla_gpu_enable_command_buffer={DEFAULT_TYPES},WHILE,CONDITIONAL",
     "trace_cache_64": "--xla_cmd_buffer_trace_cache_size=64",
     "trace_cache_256": "--xla_cmd_buffer_trace_cache_size=256",
     "cublaslt": "--xla_gpu_enable_cublaslt=true",
@@ -71,7 +74,8 @@ def run(name: str, flags: str, timeout: float, hlo_dir: str | None) -> dict:
         except subprocess.TimeoutExpired:
             return {"error": f"no result within {timeout:.0f} s"}
         if done.returncode != 0 or not out.exists():
-            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            return {"error": " / ".join(lines[-3:]) if lines else f"exit {done.returncode}"}
         return json.loads(out.read_text())
 
 
@@ -83,14 +87,14 @@ def main() -> None:
     parser.add_argument("--dump-hlo-dir", help="write each variant's optimized decode HLO here")
     args = parser.parse_args()
     results = {}
-    print("| variant | wall ms/token | GPU busy ms/token | kernels and copies/token |")
-    print("| --- | --- | --- | --- |")
+    print("| variant | TPOT ms | latency ms/token (prefill included) | GPU busy ms/token | kernels and copies/token |")
+    print("| --- | --- | --- | --- | --- |")
     for name in args.variants:
         r = results[name] = run(name, VARIANTS[name], args.timeout, args.dump_hlo_dir)
         if "error" in r:
-            print(f"| {name} | {r['error'][:150]} | | |", flush=True)
+            print(f"| {name} | {r['error'][-400:]} | | | |", flush=True)
         else:
-            print(f"| {name} | {r['wall_ms_per_token']:.2f} | {r['gpu_busy_ms_per_token']:.2f} | "
+            print(f"| {name} | {r['tpot_ms']:.2f} | {r['wall_ms_per_token']:.2f} | {r['gpu_busy_ms_per_token']:.2f} | "
                   f"{r['kernels_per_token']:.0f} |", flush=True)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"flags": VARIANTS, "results": results}, indent=2))

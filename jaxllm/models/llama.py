@@ -25,6 +25,8 @@ from jaxllm.models.quantization import Fp8Param, Fp8Weight, streams_in_place
 from jaxllm.parallel import ShardingRules, padded_layers
 from jaxllm.pipeline import run_pipeline
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
+from pallas_kernels.norm_gate_up import norm_gate_up
+from pallas_kernels.norm_gate_up import supported as norm_gate_up_supported
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -87,11 +89,17 @@ class MLP(nnx.Module):
         gate_up = linear(x, self.gate_up_proj, layer=streamed)
         return linear(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], self.down_proj, layer=streamed)
 
+    def with_norm(self, x: jax.Array, layer: jax.Array, eps: float) -> jax.Array:
+        """The MLP of `rms_norm(x)` (its scale folded into `gate_up_proj`), the norm, gate/up and SiLU in one Pallas
+        kernel (`pallas_kernels.norm_gate_up`) that reads `gate_up_proj`, here the whole layer stack, at `layer`."""
+        return linear(norm_gate_up(x, self.gate_up_proj[...], layer, eps), self.down_proj)
+
 
 class DecoderLayer(nnx.Module):
     """Pre-norm attention and MLP blocks with residuals. With `stream_fp8`, its FP8 weights are the whole layer
-    stacks, read at `layer` in place (`LlamaForCausalLM._run_stack`). Once `fold_norm_scales` has run, the two
-    RMSNorm scales live in the rows of the projections that read the norms' outputs."""
+    stacks, read at `layer` in place (`LlamaForCausalLM._run_stack`); with `fuse_norm_gate_up`, so is
+    `gate_up_proj`, for `MLP.with_norm`. Once `fold_norm_scales` has run, the two RMSNorm scales live in the rows
+    of the projections that read the norms' outputs."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         dt = cfg.jnp_dtype
@@ -104,11 +112,14 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
                  layer: jax.Array, backend: str, block_sizes: tuple | None = None,
-                 stream_fp8: bool = False, cache_format: str | None = None) -> tuple[jax.Array, jax.Array]:
+                 stream_fp8: bool = False, cache_format: str | None = None,
+                 fuse_norm_gate_up: bool = False) -> tuple[jax.Array, jax.Array]:
         streamed = layer if stream_fp8 else None
         h, kv_cache = self.attn(self._norm(x, "input_norm"), rope, kv_cache, md, plan, layer, backend, block_sizes,
                                 streamed, cache_format)
         x = x + h
+        if fuse_norm_gate_up:
+            return x + self.mlp.with_norm(x, layer, self.eps), kv_cache
         x = x + self.mlp(self._norm(x, "post_attention_norm"), streamed)
         return x, kv_cache
 
@@ -182,14 +193,17 @@ class LlamaForCausalLM(nnx.Module):
                                              group=cfg.num_heads // cfg.num_kv_heads, backend=self.attention_backend)
 
         stream_fp8 = self._streams_fp8(x.shape[0])
-        whole, sliced = nnx.split_state(stacked, Fp8Param if stream_fp8 else nnx.Nothing, ...)
+        fuse_norm_gate_up = self._fuses_norm_gate_up(x.shape[0])
+        kept_whole = nnx.Any(Fp8Param if stream_fp8 else nnx.Nothing,
+                             nnx.PathContains("gate_up_proj") if fuse_norm_gate_up else nnx.Nothing)
+        whole, sliced = nnx.split_state(stacked, kept_whole, ...)
 
         def one_layer(carry):
             index, x, kv_cache = carry
             layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), sliced)
             layer = nnx.merge(graphdef, whole, layer_state)
             x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes,
-                                stream_fp8, self.kv_cache_format)
+                                stream_fp8, self.kv_cache_format, fuse_norm_gate_up)
             return index + 1, x, kv_cache
 
         # A while loop whose first element is its counter, as `scan` lowers to, with the weights sliced by that
@@ -209,6 +223,19 @@ class LlamaForCausalLM(nnx.Module):
         mesh = jax.typeof(weights[0].weight[...]).sharding.mesh if weights else None
         return (self.attention_backend == "pallas_gpu" and mesh is not None and (mesh.empty or mesh.size == 1)
                 and streams_in_place(weights, rows))
+
+    def _fuses_norm_gate_up(self, rows: int) -> bool:
+        """Whether the post-attention norm, gate/up and SiLU run as one kernel (`MLP.with_norm`): with the Mosaic GPU
+        kernels (`pallas_gpu`, whose loading folds the norm scales), 16-bit weights on one device, steps of at most
+        16 rows (batch-1 decoding: on an H100 at Llama-3.1-8B shape, 5.6 us less a layer than XLA's norm and SiLU
+        fusions around cuBLAS). Larger steps keep cuBLAS's GEMM, which uses the tensor cores better there."""
+        gate_up = self.layers.mlp.gate_up_proj
+        if self.attention_backend != "pallas_gpu" or not self.layers.norm_scales_folded or isinstance(
+                gate_up, Fp8Weight):
+            return False
+        weight = jax.typeof(gate_up[...])
+        return ((weight.sharding.mesh.empty or weight.sharding.mesh.size == 1)
+                and norm_gate_up_supported(rows, weight.shape, weight.dtype))
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[N, vocab]` for the given hidden rows."""
