@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
     parser.add_argument("--block-kv", type=int, help="the attention kernel's KV tokens per pipeline step")
     parser.add_argument("--num-stages", type=int, help="the attention kernel's pipeline steps in flight")
+    parser.add_argument("--num-splits", type=int, help="the attention kernel's KV splits (default: its heuristic)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--logprobs", type=int)
@@ -98,7 +99,8 @@ def main() -> None:
     parser.add_argument("--profile-host", help="write a cProfile of the untraced window here and print its top")
     parser.add_argument("--output-json")
     args = parser.parse_args()
-    blocks = {k: v for k, v in (("block_kv", args.block_kv), ("num_stages", args.num_stages)) if v}
+    blocks = {k: v for k, v in (("block_kv", args.block_kv), ("num_stages", args.num_stages),
+                                ("num_splits", args.num_splits)) if v}
     llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=1024, num_scheduler_steps=args.num_scheduler_steps, max_num_seqs=args.batch,
               attention_block_sizes=blocks or None, quantization=args.quantization,
