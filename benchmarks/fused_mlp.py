@@ -6,10 +6,10 @@ Each program owns `block_i` of the 14,336 intermediate columns: it computes thei
 with atomic adds. No program waits for another, and there is one kernel where cuBLAS needs two (and XLA a third,
 for SiLU). Each case runs 4 stacked layers in a `fori_loop`, the residual carried, and prints microseconds a layer.
 
-`--norm` times a second design instead, deterministic (no atomics): the post-attention RMSNorm, gate/up and SiLU
-times up in one kernel (each program's gate and up columns over all of K, scaled by the rows' norms from sums of
-squares taken as x is read), writing the bfloat16 `[16, I]` input of cuBLAS's down GEMM; against XLA's norm
-fusion, cuBLAS, XLA's SiLU fusion and cuBLAS.
+`--norm` times the design jaxllm kept instead, deterministic (no atomics): `pallas_kernels.norm_gate_up`, the
+post-attention RMSNorm, gate/up and SiLU times up in one kernel writing the bfloat16 `[16, I]` input of cuBLAS's
+down GEMM, against XLA's norm fusion, cuBLAS, XLA's SiLU fusion and cuBLAS. (Session 15 first timed a copy of
+the kernel written here, on a `[layers, E, 2I]` weight; the figures in docs/performance.md say which.)
 
     python benchmarks/fused_mlp.py [--rows 1 16] [--limit 24] [--norm] [--json out.json]
 """
@@ -17,6 +17,7 @@ fusion, cuBLAS, XLA's SiLU fusion and cuBLAS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import random
@@ -30,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 import jaxllm  # noqa: F401  (its XLA flags: cuBLAS GEMMs, no dot merger)
+from pallas_kernels.norm_gate_up import Sizes, norm_gate_up
 
 E, MLP, LAYERS, ROWS = 4096, 14336, 4, 16
 
@@ -78,53 +80,22 @@ def fused_mlp(x, gate_up, down, layer, real_rows, *, block_i: int, block_k: int,
     return out[:m]
 
 
-def norm_gate_up(x, gate_up, layer, *, block_i: int, block_k: int, num_warps: int, num_stages: int,
-                 eps: float = 1e-5, interpret: bool = False) -> jax.Array:
-    """`silu(g) * u` for `[g, u] = rms_norm(x) @ gate_up[layer]` (the norm's scale folded into the weight), bfloat16
-    `[M, I]`: the norm is a row scale applied to the products, from sums of squares taken as the kernel reads x."""
-    m, e = x.shape
-    inter = gate_up.shape[2] // 2
-    xp = jnp.pad(x, ((0, ROWS - m), (0, 0)))
-
-    def kernel(layer_ref, x_ref, gu_ref, h_ref):
-        cols = pl.multiple_of(pl.program_id(0) * block_i, block_i)
-        index = layer_ref[0]
-
-        def k_step(i, acc):
-            k0 = pl.multiple_of(i * block_k, block_k)
-            xb = x_ref[:, pl.ds(k0, block_k)]
-            xf = xb.astype(jnp.float32)
-            g = acc[0] + jnp.dot(xb, gu_ref[index, pl.ds(k0, block_k), pl.ds(cols, block_i)],
-                                 preferred_element_type=jnp.float32)
-            u = acc[1] + jnp.dot(xb, gu_ref[index, pl.ds(k0, block_k), pl.ds(inter + cols, block_i)],
-                                 preferred_element_type=jnp.float32)
-            return g, u, acc[2] + jnp.sum(xf * xf, axis=1, keepdims=True)
-
-        zero = jnp.zeros((ROWS, block_i), jnp.float32)
-        g, u, squares = lax.fori_loop(0, e // block_k, k_step, (zero, zero, jnp.zeros((ROWS, 1), jnp.float32)))
-        scale = lax.rsqrt(squares / e + eps)
-        g, u = g * scale, u * scale
-        h_ref[:, pl.ds(cols, block_i)] = (g * jax.nn.sigmoid(g) * u).astype(h_ref.dtype)
-
-    out = pl.pallas_call(
-        kernel, grid=(inter // block_i,), out_shape=jax.ShapeDtypeStruct((ROWS, inter), x.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages), interpret=interpret,
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, gate_up)
-    return out[:m]
-
-
 def rms(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     xf = x.astype(jnp.float32)
     return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def xla_norm_mlp(x, gate_up, down, i):
-    """The model's post-attention half of a layer on cuBLAS: norm, gate/up, SiLU times up, down."""
-    return xla_mlp(rms(x), gate_up, down, i)
+    """The model's post-attention half of a layer on cuBLAS (`gate_up [layers, E, 2, I]`, as the model stores it):
+    XLA's norm, gate/up, XLA's SiLU times up, down."""
+    gu = lax.dot_general(rms(x), lax.dynamic_index_in_dim(gate_up, i, keepdims=False), (((1,), (0,)), ((), ())))
+    return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ lax.dynamic_index_in_dim(down, i, keepdims=False)
 
 
 def norm_gate_up_mlp(x, gate_up, down, i, **cfg):
-    return norm_gate_up(x, gate_up, i, **cfg) @ lax.dynamic_index_in_dim(down, i, keepdims=False)
+    """The same with jaxllm's kernel for the norm, gate/up and SiLU (`pallas_kernels.norm_gate_up`)."""
+    h = norm_gate_up(x, gate_up, i, 1e-5, Sizes(**cfg))
+    return h @ lax.dynamic_index_in_dim(down, i, keepdims=False)
 
 
 def xla_mlp(x, gate_up, down, i):
@@ -150,37 +121,43 @@ def configs() -> list[dict]:
 
 
 def norm_configs() -> list[dict]:
+    """The kernel's default tiling first, then the others in a fixed shuffled order."""
+    default = dataclasses.asdict(Sizes())
     out = [dict(block_i=bi, block_k=bk, num_warps=w, num_stages=s)
            for bi, bk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4))]
     random.Random(0).shuffle(out)
-    return out
+    return [default] + [c for c in out if c != default]
 
 
-def norm_main(rows: list[int], limit: int, gate_up, down) -> list[dict]:
-    """The post-attention half of a layer: cuBLAS with XLA's norm and SiLU fusions, against the norm, gate/up and
-    SiLU in one Triton kernel (down on cuBLAS in both)."""
+def atomic_mlp(x, gate_up, down, i, **cfg):
+    return fused_mlp(x, gate_up, down, i, x.shape[0], **cfg)
+
+
+def sweep(kind: str, base, kernel, tilings: list[dict], rows: list[int], gate_up, down) -> list[dict]:
+    """`base` (cuBLAS with XLA's fusions) and `kernel` at each tiling, in the stacked layers' loop: microseconds a
+    layer, and each tiling's error against `base` at the last layer."""
     nbytes = gate_up[0].nbytes + down[0].nbytes
     results = []
     for m in rows:
         x = jax.random.normal(jax.random.key(m), (m, E), jnp.bfloat16)
-        ref = jax.jit(xla_norm_mlp)(x, gate_up, down, LAYERS - 1).astype(jnp.float32)
-        t = gpu_time(chain(xla_norm_mlp), x, gate_up, down) / LAYERS
-        results.append(dict(rows=m, kernel="cublas_norm", us=t * 1e6, tbs=nbytes / t / 1e12))
-        print(f"rows={m} XLA norm + cublas + XLA SiLU + cublas: {t * 1e6:.1f} us a layer", flush=True)
+        ref = jax.jit(base)(x, gate_up, down, LAYERS - 1).astype(jnp.float32)
+        t = gpu_time(chain(base), x, gate_up, down) / LAYERS
+        results.append(dict(rows=m, kernel="cublas", us=t * 1e6, tbs=nbytes / t / 1e12))
+        print(f"rows={m} cuBLAS and XLA's fusions: {t * 1e6:.1f} us a layer ({nbytes / t / 1e12:.2f} TB/s)", flush=True)
         timed = []
-        for cfg in norm_configs()[:limit]:
-            mlp = functools.partial(norm_gate_up_mlp, **cfg)
+        for cfg in tilings:
+            mlp = functools.partial(kernel, **cfg)
             try:
                 t = gpu_time(chain(mlp), x, gate_up, down) / LAYERS
                 err = relative_error(jax.jit(mlp)(x, gate_up, down, LAYERS - 1), ref)
-            except Exception as e:  # noqa: BLE001  (a config Triton refuses is reported, not fatal)
+            except Exception as e:  # noqa: BLE001  (a tiling Triton refuses is reported, not fatal)
                 print(f"  {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 continue
-            timed.append(dict(rows=m, kernel="norm_gate_up", **cfg, us=t * 1e6, tbs=nbytes / t / 1e12, err=err))
+            timed.append(dict(rows=m, kernel=kind, **cfg, us=t * 1e6, tbs=nbytes / t / 1e12, err=err))
         timed.sort(key=lambda r: r["us"])
         for r in timed[:4]:
-            print(f"  norm+gate/up+SiLU kernel, cublas down: {r['us']:.1f} us err {r['err']:.1e} bi={r['block_i']} "
-                  f"bk={r['block_k']} w={r['num_warps']} st={r['num_stages']}", flush=True)
+            print(f"  {kind} {r['us']:.1f} us ({r['tbs']:.2f} TB/s) err {r['err']:.1e} "
+                  + " ".join(f"{key}={r[key]}" for key in tilings[0]), flush=True)
         results += timed
     return results
 
@@ -196,34 +173,11 @@ def main() -> None:
     gate_up = jax.random.normal(k1, (LAYERS, E, 2 * MLP), jnp.bfloat16) * 0.02
     down = jax.random.normal(k2, (LAYERS, MLP, E), jnp.bfloat16) * 0.02
     if args.norm:
-        save_rows(args.json, norm_main(args.rows, args.limit, gate_up, down))
-        return
-    nbytes = gate_up[0].nbytes + down[0].nbytes
-    results = []
-    for m in args.rows:
-        x = jax.random.normal(jax.random.key(m), (m, E), jnp.bfloat16)
-        ref = jax.jit(xla_mlp)(x, gate_up, down, LAYERS - 1).astype(jnp.float32)
-        t = gpu_time(chain(xla_mlp), x, gate_up, down) / LAYERS
-        results.append(dict(rows=m, kernel="cublas", us=t * 1e6, tbs=nbytes / t / 1e12))
-        print(f"rows={m} cublas + XLA SiLU: {t * 1e6:.1f} us a layer ({nbytes / t / 1e12:.2f} TB/s)", flush=True)
-        timed = []
-        for cfg in configs()[:args.limit]:
-            def mlp(h, gu, d, i, cfg=cfg):
-                return fused_mlp(h, gu, d, i, h.shape[0], **cfg)
-            try:
-                t = gpu_time(chain(mlp), x, gate_up, down) / LAYERS
-                err = relative_error(jax.jit(mlp)(x, gate_up, down, LAYERS - 1), ref)
-            except Exception as e:  # noqa: BLE001  (a config Triton refuses is reported, not fatal)
-                print(f"  {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                continue
-            timed.append(dict(rows=m, kernel="fused", **cfg, us=t * 1e6, tbs=nbytes / t / 1e12, err=err))
-        timed.sort(key=lambda r: r["us"])
-        for r in timed[:4]:
-            print(f"  fused {r['us']:.1f} us ({r['tbs']:.2f} TB/s) err {r['err']:.1e} bi={r['block_i']} "
-                  f"bk={r['block_k']} bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} masked={r['masked']}",
-                  flush=True)
-        results += timed
-    save_rows(args.json, results)
+        rows = sweep("norm_gate_up", xla_norm_mlp, norm_gate_up_mlp, norm_configs()[:args.limit], args.rows,
+                     gate_up.reshape(LAYERS, E, 2, MLP), down)
+    else:
+        rows = sweep("fused", xla_mlp, atomic_mlp, configs()[:args.limit], args.rows, gate_up, down)
+    save_rows(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,7 @@ def gemv(x: jax.Array, w: jax.Array, layer: jax.Array, *, block_n: int, block_k:
         acc = lax.fori_loop(0, steps, body, jnp.zeros((ROWS, block_n), jnp.float32))
         o_ref[split, :, pl.ds(col * block_n, block_n)] = acc
 
-    out = pl.pallas_call(
-        kernel, grid=(n // block_n, splits), out_shape=jax.ShapeDtypeStruct((splits, ROWS, n), jnp.float32),
-        compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret)(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, w)
-    return out.sum(0)[:m] if splits > 1 else out[0, :m]
+    return _launch(kernel, layer, xp, w, block_n, splits, num_warps, num_stages, interpret)[:m]
 
 
 def fma_gemv(x: jax.Array, w: jax.Array, layer: jax.Array, *, block_n: int, block_k: int, splits: int,
@@ -86,8 +82,16 @@ def fma_gemv(x: jax.Array, w: jax.Array, layer: jax.Array, *, block_n: int, bloc
         for r, acc in enumerate(accs):
             o_ref[split, r, pl.ds(col * block_n, block_n)] = acc.sum(0)
 
+    return _launch(kernel, layer, x, w, block_n, splits, num_warps, num_stages, interpret)
+
+
+def _launch(kernel, layer, x, w, block_n: int, splits: int, num_warps: int, num_stages: int,
+            interpret: bool) -> jax.Array:
+    """Run a kernel writing float32 `[splits, rows of x, N]` partials over the (column block, split) grid; their
+    sum over the splits."""
+    rows, n = x.shape[0], w.shape[2]
     out = pl.pallas_call(
-        kernel, grid=(n // block_n, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        kernel, grid=(n // block_n, splits), out_shape=jax.ShapeDtypeStruct((splits, rows, n), jnp.float32),
         compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret)(jnp.reshape(layer, (1,)).astype(jnp.int32), x, w)
     return out.sum(0) if splits > 1 else out[0]
