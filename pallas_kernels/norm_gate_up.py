@@ -4,10 +4,14 @@ Pallas Triton kernel that reads one layer of the stacked `gate_up` weight in pla
 Why: at batch 1 the three are three kernels (XLA's norm fusion, cuBLAS's GEMM, XLA's SiLU fusion) around a 235 MB
 weight read at Llama-3.1-8B shape. In one kernel the norm is a row scale applied to the products (`rms_norm(x) @ W
 == r * (x @ W)` with `r = rsqrt(mean(x^2) + eps)` per row, the norm's scale already folded into W by
-`DecoderLayer.fold_norm_scales`), from sums of squares taken as x is read, and SiLU-times-up is the epilogue: on
-an H100 the layer's MLP half took 124.0 us against 129.6 for the three kernels and cuBLAS's down GEMM
-(`python benchmarks/fused_mlp.py --norm`). Each program owns `block_i` intermediate columns and reads their gate
-and up columns over all of K, so no partial sums leave it and the result does not depend on scheduling.
+`DecoderLayer.fold_norm_scales`), from sums of squares taken as x is read, and SiLU-times-up is the epilogue. On
+an H100 the layer's MLP half took 124.6 / 124.0 us at 1 / 16 rows against 126.4 / 128.5 for the three kernels
+and cuBLAS's down GEMM (`python benchmarks/fused_mlp.py --norm --rows 1 16`), and a batch-1 token's TPOT went from
+6.34 to 6.10-6.15 ms (docs/performance.md, session 15). Each program owns `block_i` intermediate columns and reads
+their gate and up columns over all of K, so no partial sums leave it and the result does not depend on scheduling.
+
+JAX 0.11.2, which jaxllm pins, marks its Pallas Triton backend deprecated in favour of Mosaic GPU: this kernel is
+due a Mosaic GPU port before JAX is upgraded.
 
 Only the rounding differs from the three kernels: the products use x itself, not x normalized and rounded to x's
 dtype, and the norm is applied in float32.
