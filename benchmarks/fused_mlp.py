@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 import jaxllm  # noqa: F401  (its XLA flags: cuBLAS GEMMs, no dot merger)
+from jaxllm.models.layers import rms_norm
 from pallas_kernels.norm_gate_up import Sizes, norm_gate_up
 
 E, MLP, LAYERS, ROWS = 4096, 14336, 4, 16
@@ -80,15 +81,11 @@ def fused_mlp(x, gate_up, down, layer, real_rows, *, block_i: int, block_k: int,
     return out[:m]
 
 
-def rms(x: jax.Array, eps: float = 1e-5) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + eps)).astype(x.dtype)
-
-
 def xla_norm_mlp(x, gate_up, down, i):
     """The model's post-attention half of a layer on cuBLAS (`gate_up [layers, E, 2, I]`, as the model stores it):
     XLA's norm, gate/up, XLA's SiLU times up, down."""
-    gu = lax.dot_general(rms(x), lax.dynamic_index_in_dim(gate_up, i, keepdims=False), (((1,), (0,)), ((), ())))
+    weight = lax.dynamic_index_in_dim(gate_up, i, keepdims=False)
+    gu = lax.dot_general(rms_norm(x, None, 1e-5), weight, (((1,), (0,)), ((), ())))
     return (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ lax.dynamic_index_in_dim(down, i, keepdims=False)
 
 

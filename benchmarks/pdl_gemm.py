@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import jaxllm  # noqa: F401  (its XLA flags: cuBLAS GEMMs, no dot merger)
+from jaxllm.models.layers import rms_norm
 from pallas_kernels.gpu import _interpret_off_gpu
 
 ROWS, NUM_SMS = 16, 132
@@ -127,10 +128,8 @@ def chain(gemm):
     """The stacked layers in a loop: a norm-like fusion, the GEMM, a reduction of its output into the carry."""
     def run(x, w):
         def body(i, h):
-            hf = h.astype(jnp.float32)
-            hn = (hf * lax.rsqrt(jnp.mean(hf * hf, axis=1, keepdims=True) + 1e-5)).astype(h.dtype)
-            out = gemm(hn, w, i).astype(jnp.float32)
-            return (hf * 0.5 + jnp.mean(out, axis=1, keepdims=True)).astype(h.dtype)
+            out = gemm(rms_norm(h, None, 1e-5), w, i).astype(jnp.float32)
+            return (h.astype(jnp.float32) * 0.5 + jnp.mean(out, axis=1, keepdims=True)).astype(h.dtype)
         return lax.fori_loop(0, w.shape[0], body, x)
     return jax.jit(run)
 
