@@ -90,6 +90,17 @@ def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *,
     return impl(q, k, v, kv_cache, md, jnp.asarray(layer, jnp.int32), plan=plan)
 
 
+def attend_grouped(q_rows, q_shape: tuple[int, ...], kv_cache, md: AttentionMetadata, layer, *, sm_scale: float,
+                   sliding_window: int | None = None, soft_cap: float | None = None,
+                   block_sizes: tuple[tuple[str, int], ...] | None = None, plan: AttentionPlan) -> jax.Array:
+    """The Mosaic GPU kernel's attention `[T, H, D]` (`q_shape`) of queries already in its grouped layout
+    `[KVH, rows, D]`, over a cache that already holds this step's K/V: both written by `norm_rope_write` with
+    `plan` (`plan_attention(..., backend="pallas_gpu")`). One device's heads: the caller runs it unsharded."""
+    return gpu.attend_grouped(q_rows, q_shape, kv_cache, md, jnp.asarray(layer, jnp.int32), sm_scale=sm_scale,
+                              sliding_window=sliding_window, soft_cap=soft_cap,
+                              sizes=_sizes("pallas_gpu", block_sizes).get("sizes", gpu.BlockSizes()), plan=plan)
+
+
 def _sizes(name: str, block_sizes: tuple[tuple[str, int], ...] | None) -> dict:
     """The `sizes=` argument of a Pallas kernel from `(field, value)` pairs (`attention_block_sizes`)."""
     if not block_sizes:
@@ -127,5 +138,5 @@ def _per_device_heads(impl: Callable, kv_cache: jax.Array, axis: str) -> Callabl
     return lambda q, k, v, c, md, layer, plan: per_device(q, k, v, c, md, layer, plan)  # `plan` by keyword
 
 
-__all__ = ["AttentionMetadata", "AttentionPlan", "kv_cache_shape", "plan_attention", "ragged_paged_attention",
-           "resolve_backend", "token_layout"]
+__all__ = ["AttentionMetadata", "AttentionPlan", "attend_grouped", "kv_cache_shape", "plan_attention",
+           "ragged_paged_attention", "resolve_backend", "token_layout"]

@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.merge_splits import merge_splits
+from pallas_kernels.merge_splits import supported as merge_splits_supported
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
 from pallas_kernels.reference import write_kv
 
@@ -107,12 +109,16 @@ class TilePlan:
     q_source: jax.Array  # [num_rows] the flat `token * G + g` query row of each grouped row; T * G: zeros
     out_tile: jax.Array  # [T] the tile holding each token's rows
     out_row: jax.Array  # [T, G] the row in that tile of each of the token's G query heads
+    # [T, 4] each token's cache page, slot in the page, first grouped query row, and 1 (0 for padding): the table
+    # of `norm_rope_write`, which writes the grouped queries and the cache itself
+    write_table: jax.Array
+    merge_table: jax.Array  # [T, 3] each token's out_tile, first out_row, and 1 (0 for padding): `merge_splits`'
 
 
 def plan_step(md: AttentionMetadata, num_tokens: int, page_size: int, group: int) -> AttentionPlan:
     """The step's `AttentionPlan` with this kernel's tiles: computed once per step, used by every layer."""
     rows = plan_rows(md, num_tokens, page_size)
-    return dataclasses.replace(rows, kernel=plan_tiles(md, rows, num_tokens, group))
+    return dataclasses.replace(rows, kernel=plan_tiles(md, rows, num_tokens, group, page_size))
 
 
 def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *, sm_scale: float,
@@ -139,15 +145,25 @@ def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, slidin
            cache_format: str | None = None) -> jax.Array:
     """Attention of `q [T, H, D]` over the cache: query regrouping in XLA (by the plan's tables), the kernel,
     the split merge and the row gather back to `[T, H, D]` in XLA."""
-    _check_inputs(q, kv_cache, cache_format)
-    shapes = _plan(q.shape, kv_cache, md, sizes, cache_format)
     plan = _tiled(plan, md, q, kv_cache)
-    q_rows = _group_rows(q, plan.kernel.q_source, shapes)
+    shapes = _plan(q.shape, kv_cache, md, sizes, cache_format)
+    return attend_grouped(_group_rows(q, plan.kernel.q_source, shapes), q.shape, kv_cache, md, layer,
+                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, sizes=sizes, plan=plan,
+                          cache_format=cache_format)
+
+
+def attend_grouped(q_rows, q_shape: tuple[int, ...], kv_cache, md: AttentionMetadata, layer, *, sm_scale: float,
+                   sliding_window: int | None, soft_cap: float | None, sizes: BlockSizes, plan: AttentionPlan,
+                   cache_format: str | None = None) -> jax.Array:
+    """`attend` of queries already in the kernel's grouped layout `[KVH, rows, D]` (`plan.kernel.q_source`'s rows;
+    `norm_rope_write` writes them), as `[T, H, D]` (`q_shape`)."""
+    _check_inputs(q_rows, kv_cache, cache_format)
+    shapes = _plan(q_shape, kv_cache, md, sizes, cache_format)
     q_parts = _split_halves(q_rows) if shapes.split_float32 else (q_rows.astype(_mma_dtype(shapes, kv_cache.dtype)),)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     out, lse = _call_kernel(plan.kernel.tiles, layer, md.page_indices, q_parts, kv_cache, shapes,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    return _gather_rows(out, lse, plan, q.shape, shapes).astype(q.dtype)
+    return _gather_rows(out, lse, plan, q_shape, shapes, q_rows.dtype)
 
 
 def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, sizes: BlockSizes,
@@ -223,8 +239,9 @@ def _num_grouped_rows(num_tokens: int, group: int, max_num_seqs: int) -> int:
     return -(-(num_tokens * group + _TMA_ROWS * max_num_seqs) // _TMA_ROWS) * _TMA_ROWS + ROWS
 
 
-def plan_tiles(md: AttentionMetadata, rows: AttentionPlan, num_tokens: int, group: int) -> TilePlan:
-    """The tile table, where each grouped query row comes from, and where each token's output rows are."""
+def plan_tiles(md: AttentionMetadata, rows: AttentionPlan, num_tokens: int, group: int, page_size: int) -> TilePlan:
+    """The tile table, where each grouped query row comes from, where each token's output rows are, and each
+    token's cache slot and first grouped row."""
     num_tiles = _num_tiles(num_tokens, group, md.max_num_seqs)
     num_rows = _num_grouped_rows(num_tokens, group, md.max_num_seqs)
     heads = jnp.arange(group)[None, :]
@@ -237,8 +254,10 @@ def plan_tiles(md: AttentionMetadata, rows: AttentionPlan, num_tokens: int, grou
     first_tile = jnp.cumsum(per_seq) - per_seq
     out_tile = jnp.minimum(first_tile[rows.seq] + t_in_seq // tokens_per_tile(group), num_tiles - 1)
     out_row = (t_in_seq % tokens_per_tile(group))[:, None] * group + heads
+    write_table = jnp.stack([rows.page, rows.pos % page_size, first, rows.valid], axis=1).astype(jnp.int32)
+    merge_table = jnp.stack([out_tile, out_row[:, 0], rows.valid], axis=1).astype(jnp.int32)
     return TilePlan(_tile_table(md, group, num_tiles), q_source, out_tile.astype(jnp.int32),
-                    out_row.astype(jnp.int32))
+                    out_row.astype(jnp.int32), write_table, merge_table)
 
 
 def _row_bases(md: AttentionMetadata, group: int) -> jax.Array:
@@ -290,9 +309,12 @@ def _split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi.astype(jnp.bfloat16), (x - hi).astype(jnp.bfloat16)
 
 
-def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_shape, shapes: _Shapes):
-    """Pick each query row out of its tile (merging the KV splits by log-sum-exp) back into `[T, H, D]`;
-    padding rows are zero, as in the reference."""
+def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_shape, shapes: _Shapes, dtype):
+    """Pick each query row out of its tile (merging the KV splits by log-sum-exp) back into `[T, H, D]` in `dtype`;
+    padding rows are zero, as in the reference. KV splits of 16-bit outputs are merged by one kernel
+    (`merge_splits`), not XLA's two."""
+    if lse is not None and not shapes.split_float32 and merge_splits_supported(shapes.head_dim):
+        return merge_splits(out, lse, plan.kernel.merge_table, shapes.group, dtype)
     tile, row = plan.kernel.out_tile, plan.kernel.out_row
     heads = jnp.arange(shapes.num_kv_heads)[None, :, None]
     picked = out[:, heads, tile[:, None, None], row[:, None, :]]  # [splits, T, KVH, G, D]
@@ -305,7 +327,7 @@ def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_s
         w = jnp.exp2(weights - top)
         merged = jnp.sum(w[..., None] * picked, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[..., None]
     merged = jnp.where(plan.valid[:, None, None, None], merged, 0.0)
-    return merged.reshape(q_shape)
+    return merged.reshape(q_shape).astype(dtype)
 
 
 def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes, **attn):

@@ -42,6 +42,21 @@ def test_matches_dense_attention(q_lens, ctx, h, kvh, d, page, window, cap, spli
     np.testing.assert_array_equal(out[n:], 0.0)  # padding rows
 
 
+@pytest.mark.parametrize("dtype,splits,merged_by_kernel", [
+    (jnp.bfloat16, 3, True), (jnp.bfloat16, 1, False), (jnp.float32, 3, False)])
+def test_16bit_splits_are_merged_by_one_kernel(dtype, splits, merged_by_kernel):
+    """KV splits of 16-bit outputs are merged by `merge_splits` (one kernel, not XLA's two); one split needs no
+    merge, and float32 outputs keep XLA's (the values are checked against dense attention above)."""
+    import jax
+
+    q, k, v, cache, md = random_batch(np.random.default_rng(0), [1, 3], [40, 20], 8, 2, 64, 16, max_seqs=3)
+    args = [jnp.asarray(x, dtype) for x in (q, k, v, cache)]
+    jaxpr = jax.make_jaxpr(lambda q, k, v, c: gpu.ragged_paged_attention(
+        q, k, v, c, md, 1, sm_scale=0.1, sizes=gpu.BlockSizes(num_splits=splits)))(*args)
+    names = [e.params.get("name") for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert ("merge_splits" in names) == merged_by_kernel, names
+
+
 def test_tiles_start_on_whole_tma_tiles():
     for group in (*range(1, 9), 10, 12, 14, 16, 32, 64):
         tokens = gpu.tokens_per_tile(group)

@@ -11,6 +11,7 @@ on its own heads under tensor parallelism, with one `plan_attention` per step sh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,8 +28,23 @@ from jaxllm.pipeline import run_pipeline
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan
 from pallas_kernels.norm_gate_up import norm_gate_up
 from pallas_kernels.norm_gate_up import supported as norm_gate_up_supported
+from pallas_kernels.norm_rope_write import norm_rope_write
+from pallas_kernels.norm_rope_write import supported as norm_rope_write_supported
 
 Rope = tuple[jax.Array, jax.Array]
+FUSED_NORM_ROPE_ROWS = 256  # the largest step `norm_rope_write` serves (`LlamaForCausalLM._fuses_norm_rope`)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKernels:
+    """How a step's decoder layers run, fixed when the step is traced (`LlamaForCausalLM._layer_kernels`)."""
+
+    backend: str  # the attention backend
+    block_sizes: tuple | None = None  # the attention kernel's, as `(field, value)` pairs
+    cache_format: str | None = None  # the 8-bit float type of a cache stored as bytes
+    stream_fp8: bool = False  # FP8 weights enter the loop whole, read at the layer (`_streams_fp8`)
+    fuse_norm_gate_up: bool = False  # `MLP.with_norm` (`_fuses_norm_gate_up`)
+    fuse_norm_rope: bool = False  # `Attention._fused_norm_rope` (`_fuses_norm_rope`)
 
 
 class Attention(nnx.Module):
@@ -53,26 +69,48 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
-                 layer: jax.Array, backend: str, block_sizes: tuple | None = None,
-                 streamed: jax.Array | None = None, cache_format: str | None = None) -> tuple[jax.Array, jax.Array]:
+                 layer: jax.Array, kernels: LayerKernels) -> tuple[jax.Array, jax.Array]:
+        """Attention of `x`, already normalized unless `kernels.fuse_norm_rope` (then `norm_rope_write` does it)."""
         cfg = self.cfg
+        streamed = layer if kernels.stream_fp8 else None
         qkv = linear(x, self.qkv_proj, layer=streamed)
+        if kernels.fuse_norm_rope:
+            out, kv_cache = self._fused_norm_rope(x, qkv, rope, kv_cache, md, plan, layer, kernels)
+        else:
+            out, kv_cache = self._attend(qkv, rope, kv_cache, md, plan, layer, kernels)
+        out = linear(out, self.o_proj, num_in=2, layer=streamed)
+        if cfg.o_bias:
+            out = out + self.o_bias[...]
+        return out, kv_cache
+
+    def _attend(self, qkv: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
+                layer: jax.Array, kernels: LayerKernels) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
         if cfg.qkv_bias:
             qkv = qkv + self.qkv_bias[...]
         group = cfg.num_heads // cfg.num_kv_heads
-        q = qkv[:, :, :group].reshape(x.shape[0], cfg.num_heads, cfg.head_dim)
+        q = qkv[:, :, :group].reshape(qkv.shape[0], cfg.num_heads, cfg.head_dim)
         k, v = qkv[:, :, group], qkv[:, :, group + 1]
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out, kv_cache = pallas_kernels.ragged_paged_attention(
+        return pallas_kernels.ragged_paged_attention(
             q, k, v, kv_cache, md, layer, sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
-            backend=backend, heads_axis=ShardingRules().kv_heads, block_sizes=block_sizes, plan=plan,
-            cache_format=cache_format)
-        out = linear(out, self.o_proj, num_in=2, layer=streamed)
-        if cfg.o_bias:
-            out = out + self.o_bias[...]
+            backend=kernels.backend, heads_axis=ShardingRules().kv_heads, block_sizes=kernels.block_sizes, plan=plan,
+            cache_format=kernels.cache_format)
+
+    def _fused_norm_rope(self, x: jax.Array, qkv: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata,
+                         plan: AttentionPlan, layer: jax.Array, kernels: LayerKernels) -> tuple[jax.Array, jax.Array]:
+        """The input norm as a row scale of `qkv = x @ W`, RoPE, the queries' grouping and the K/V write in one
+        kernel (`norm_rope_write`), then the Mosaic GPU attention kernel on its grouped queries."""
+        cfg = self.cfg
+        tiles = plan.kernel
+        q_rows, kv_cache = norm_rope_write(x, qkv, rope, kv_cache, layer, tiles.write_table, tiles.q_source.shape[0],
+                                           cfg.rms_norm_eps)
+        out = pallas_kernels.attend_grouped(q_rows, (x.shape[0], cfg.num_heads, cfg.head_dim), kv_cache, md, layer,
+                                            sm_scale=cfg.sm_scale, sliding_window=cfg.sliding_window,
+                                            block_sizes=kernels.block_sizes, plan=plan)
         return out, kv_cache
 
 
@@ -96,10 +134,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm attention and MLP blocks with residuals. With `stream_fp8`, its FP8 weights are the whole layer
-    stacks, read at `layer` in place (`LlamaForCausalLM._run_stack`); with `fuse_norm_gate_up`, so is
-    `gate_up_proj`, for `MLP.with_norm`. Once `fold_norm_scales` has run, the two RMSNorm scales live in the rows
-    of the projections that read the norms' outputs."""
+    """Pre-norm attention and MLP blocks with residuals, run as `LayerKernels` says. With `stream_fp8`, its FP8
+    weights are the whole layer stacks, read at `layer` in place (`LlamaForCausalLM._run_stack`); with
+    `fuse_norm_gate_up`, so is `gate_up_proj`, for `MLP.with_norm`; with `fuse_norm_rope`, attention takes x
+    itself and normalizes it as a row scale after the q/k/v GEMM. Once `fold_norm_scales` has run, the two RMSNorm
+    scales live in the rows of the projections that read the norms' outputs."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
         dt = cfg.jnp_dtype
@@ -111,16 +150,13 @@ class DecoderLayer(nnx.Module):
         self.norm_scales_folded = False
 
     def __call__(self, x: jax.Array, rope: Rope, kv_cache: jax.Array, md: AttentionMetadata, plan: AttentionPlan,
-                 layer: jax.Array, backend: str, block_sizes: tuple | None = None,
-                 stream_fp8: bool = False, cache_format: str | None = None,
-                 fuse_norm_gate_up: bool = False) -> tuple[jax.Array, jax.Array]:
-        streamed = layer if stream_fp8 else None
-        h, kv_cache = self.attn(self._norm(x, "input_norm"), rope, kv_cache, md, plan, layer, backend, block_sizes,
-                                streamed, cache_format)
+                 layer: jax.Array, kernels: LayerKernels) -> tuple[jax.Array, jax.Array]:
+        attn_in = x if kernels.fuse_norm_rope else self._norm(x, "input_norm")
+        h, kv_cache = self.attn(attn_in, rope, kv_cache, md, plan, layer, kernels)
         x = x + h
-        if fuse_norm_gate_up:
+        if kernels.fuse_norm_gate_up:
             return x + self.mlp.with_norm(x, layer, self.eps), kv_cache
-        x = x + self.mlp(self._norm(x, "post_attention_norm"), streamed)
+        x = x + self.mlp(self._norm(x, "post_attention_norm"), layer if kernels.stream_fp8 else None)
         return x, kv_cache
 
     def _norm(self, x: jax.Array, name: str) -> jax.Array:
@@ -192,18 +228,16 @@ class LlamaForCausalLM(nnx.Module):
         plan = pallas_kernels.plan_attention(md, x.shape[0], page_size=kv_cache.shape[2],
                                              group=cfg.num_heads // cfg.num_kv_heads, backend=self.attention_backend)
 
-        stream_fp8 = self._streams_fp8(x.shape[0])
-        fuse_norm_gate_up = self._fuses_norm_gate_up(x.shape[0])
-        kept_whole = nnx.Any(Fp8Param if stream_fp8 else nnx.Nothing,
-                             nnx.PathContains("gate_up_proj") if fuse_norm_gate_up else nnx.Nothing)
+        kernels = self._layer_kernels(x.shape[0])
+        kept_whole = nnx.Any(Fp8Param if kernels.stream_fp8 else nnx.Nothing,
+                             nnx.PathContains("gate_up_proj") if kernels.fuse_norm_gate_up else nnx.Nothing)
         whole, sliced = nnx.split_state(stacked, kept_whole, ...)
 
         def one_layer(carry):
             index, x, kv_cache = carry
             layer_state = jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), sliced)
             layer = nnx.merge(graphdef, whole, layer_state)
-            x, kv_cache = layer(x, rope, kv_cache, md, plan, index, self.attention_backend, self.attention_block_sizes,
-                                stream_fp8, self.kv_cache_format, fuse_norm_gate_up)
+            x, kv_cache = layer(x, rope, kv_cache, md, plan, index, kernels)
             return index + 1, x, kv_cache
 
         # A while loop whose first element is its counter, as `scan` lowers to, with the weights sliced by that
@@ -214,6 +248,10 @@ class LlamaForCausalLM(nnx.Module):
         depth = jax.tree.leaves(stacked)[0].shape[0]
         _, x, kv_cache = lax.while_loop(lambda carry: carry[0] < depth, one_layer, (jnp.int32(0), x, kv_cache))
         return x, kv_cache
+
+    def _layer_kernels(self, rows: int) -> LayerKernels:
+        return LayerKernels(self.attention_backend, self.attention_block_sizes, self.kv_cache_format,
+                            self._streams_fp8(rows), self._fuses_norm_gate_up(rows), self._fuses_norm_rope(rows))
 
     def _streams_fp8(self, rows: int) -> bool:
         """Whether the FP8 weights go to `fp8_gemm` whole, to be read at the layer in place: with the Mosaic GPU
@@ -236,6 +274,18 @@ class LlamaForCausalLM(nnx.Module):
         weight = jax.typeof(gate_up[...])
         return ((weight.sharding.mesh.empty or weight.sharding.mesh.size == 1)
                 and norm_gate_up_supported(rows, weight.shape, weight.dtype))
+
+    def _fuses_norm_rope(self, rows: int) -> bool:
+        """Whether the input norm, RoPE, the queries' grouping and the K/V write run as one kernel
+        (`Attention._fused_norm_rope`): with the Mosaic GPU kernels and folded norm scales, 16-bit weights and cache
+        on one device, no q/k/v bias or q/k norm, and steps of at most `FUSED_NORM_ROPE_ROWS` rows."""
+        cfg, qkv = self.cfg, self.layers.attn.qkv_proj
+        if (self.attention_backend != "pallas_gpu" or not self.layers.norm_scales_folded or isinstance(qkv, Fp8Weight)
+                or cfg.qkv_bias or cfg.qk_norm or self.kv_cache_format is not None or rows > FUSED_NORM_ROPE_ROWS):
+            return False
+        weight = jax.typeof(qkv[...])
+        return ((weight.sharding.mesh.empty or weight.sharding.mesh.size == 1)
+                and norm_rope_write_supported(weight.dtype, weight.dtype, cfg.head_dim))
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[N, vocab]` for the given hidden rows."""
