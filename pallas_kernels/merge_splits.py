@@ -38,18 +38,21 @@ def merge_splits(out: jax.Array, lse: jax.Array, tokens: jax.Array, group: int, 
     def kernel(tokens_ref, out_ref, lse_ref, merged_ref):
         t, h = pl.program_id(0), pl.program_id(1)
         tile, first, real = tokens_ref[t, 0], tokens_ref[t, 1], tokens_ref[t, 2]
-        for g in range(group):
-            row = first + g
-            parts = [out_ref[s, h, tile, row, :].astype(jnp.float32) for s in range(num_splits)]
-            weights = [lse_ref[s, h, tile, row] for s in range(num_splits)]
-            top = weights[0]
-            for w in weights[1:]:
-                top = jnp.maximum(top, w)
-            top = jnp.where(jnp.abs(top) < jnp.inf, top, 0.0)  # not finite (a row no split saw): 0, as in XLA's
-            weights = [jnp.exp2(w - top) for w in weights]
-            total = sum(w * p for w, p in zip(weights, parts))
-            merged = total / jnp.maximum(sum(weights), 1e-30)
-            merged_ref[t, h * group + g, :] = jnp.where(real != 0, merged, 0.0).astype(merged_ref.dtype)
+
+        @pl.when(real != 0)
+        def _merge():
+            # Every load before any store, so that their latencies overlap (Triton keeps loads after a store that
+            # may alias them): loads between the rows' stores made the kernel 3.5 us on an H100.
+            rows = [first + g for g in range(group)]
+            parts = [[out_ref[s, h, tile, row, :] for s in range(num_splits)] for row in rows]
+            weights = [[lse_ref[s, h, tile, row] for s in range(num_splits)] for row in rows]
+            for g in range(group):
+                merged_ref[t, h * group + g, :] = _merged(parts[g], weights[g]).astype(merged_ref.dtype)
+
+        @pl.when(real == 0)
+        def _padding():
+            for g in range(group):
+                merged_ref[t, h * group + g, :] = jnp.zeros((head_dim,), merged_ref.dtype)
 
     return pl.pallas_call(
         kernel, grid=(tokens.shape[0], num_kv_heads),
@@ -57,3 +60,14 @@ def merge_splits(out: jax.Array, lse: jax.Array, tokens: jax.Array, group: int, 
         compiler_params=pltriton.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
         interpret=jax.default_backend() != "gpu", name="merge_splits",
     )(tokens, out, lse)
+
+
+def _merged(parts: list[jax.Array], weights: list[jax.Array]) -> jax.Array:
+    """`sum_s 2^w_s part_s / sum_s 2^w_s` in float32, with the largest weight subtracted first (XLA's merge)."""
+    top = weights[0]
+    for w in weights[1:]:
+        top = jnp.maximum(top, w)
+    top = jnp.where(jnp.abs(top) < jnp.inf, top, 0.0)  # not finite (a row no split saw): 0, as in XLA's
+    scaled = [jnp.exp2(w - top) for w in weights]
+    total = sum(w * p.astype(jnp.float32) for w, p in zip(scaled, parts))
+    return total / jnp.maximum(sum(scaled), 1e-30)
