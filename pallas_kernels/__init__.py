@@ -92,13 +92,16 @@ def ragged_paged_attention(q, k, v, kv_cache, md: AttentionMetadata, layer=0, *,
 
 def attend_grouped(q_rows, q_shape: tuple[int, ...], kv_cache, md: AttentionMetadata, layer, *, sm_scale: float,
                    sliding_window: int | None = None, soft_cap: float | None = None,
-                   block_sizes: tuple[tuple[str, int], ...] | None = None, plan: AttentionPlan) -> jax.Array:
+                   block_sizes: tuple[tuple[str, int], ...] | None = None, plan: AttentionPlan,
+                   cache_format: str | None = None) -> jax.Array:
     """The Mosaic GPU kernel's attention `[T, H, D]` (`q_shape`) of queries already in its grouped layout
     `[KVH, rows, D]`, over a cache that already holds this step's K/V: both written by `norm_rope_write` with
-    `plan` (`plan_attention(..., backend="pallas_gpu")`). One device's heads: the caller runs it unsharded."""
+    `plan` (`plan_attention(..., backend="pallas_gpu")`). One device's heads: the caller runs it unsharded.
+    `cache_format`: as for `ragged_paged_attention`."""
     return gpu.attend_grouped(q_rows, q_shape, kv_cache, md, jnp.asarray(layer, jnp.int32), sm_scale=sm_scale,
                               sliding_window=sliding_window, soft_cap=soft_cap,
-                              sizes=_sizes("pallas_gpu", block_sizes).get("sizes", gpu.BlockSizes()), plan=plan)
+                              sizes=_sizes("pallas_gpu", block_sizes).get("sizes", gpu.BlockSizes()), plan=plan,
+                              cache_format=cache_format)
 
 
 def _sizes(name: str, block_sizes: tuple[tuple[str, int], ...] | None) -> dict:

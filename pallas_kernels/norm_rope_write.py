@@ -26,29 +26,36 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 _SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_8BIT_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 _NUM_WARPS = 4
 
 
-def supported(x_dtype, cache_dtype, head_dim: int) -> bool:
-    """Whether `norm_rope_write` takes these operands: 16-bit activations, a cache of their dtype (an 8-bit
-    cache keeps XLA's write), an even head dim whose half is a power of two (Triton's blocks)."""
+def supported(x_dtype, cache_dtype, head_dim: int, cache_format: str | None = None) -> bool:
+    """Whether `norm_rope_write` takes these operands: 16-bit activations, a cache of their dtype or of 8-bit float
+    bytes (`cache_format`, as `reference.cache_values` stores them), an even head dim whose half is a power of two
+    (Triton's blocks)."""
     half = head_dim // 2
-    return (jnp.dtype(x_dtype) in _SIXTEEN_BIT and jnp.dtype(cache_dtype) == jnp.dtype(x_dtype)
-            and head_dim % 2 == 0 and half & (half - 1) == 0)
+    cache_8bit = jnp.dtype(cache_dtype) == jnp.dtype(jnp.uint8) and cache_format in _8BIT_FORMATS
+    same = jnp.dtype(cache_dtype) == jnp.dtype(x_dtype) and cache_format is None
+    return (jnp.dtype(x_dtype) in _SIXTEEN_BIT and (same or cache_8bit) and head_dim % 2 == 0
+            and half & (half - 1) == 0)
 
 
 def norm_rope_write(x: jax.Array, qkv: jax.Array, rope: tuple[jax.Array, jax.Array], kv_cache: jax.Array,
-                    layer, table: jax.Array, num_rows: int, eps: float) -> tuple[jax.Array, jax.Array]:
+                    layer, table: jax.Array, num_rows: int, eps: float,
+                    cache_format: str | None = None) -> tuple[jax.Array, jax.Array]:
     """`(q_rows [KVH, num_rows, D], kv_cache')` from `x [T, E]` (the layer's input, not normalized), `qkv = x @ W`
     as `[T, KVH, G + 2, D]` (each KV head's G query heads, then its k and v), RoPE's `(cos, sin)` `[T, 1, D/2]`
     and `table [T, 4]`: each token's cache page, slot in the page, first grouped query row, and whether it is
-    real (1) or padding (0). The cache `[L, pages, page_size, 2 * KVH, D]` is updated in place when donated."""
+    real (1) or padding (0). The cache `[L, pages, page_size, 2 * KVH, D]` is updated in place when donated;
+    `cache_format`: the 8-bit float type a byte cache holds (K/V rounded to x's dtype, then saturated to it, as
+    `reference.to_cache_dtype` writes them)."""
     num_tokens, embed = x.shape
     _, num_kv_heads, width, head_dim = qkv.shape
-    if not supported(x.dtype, kv_cache.dtype, head_dim) or qkv.dtype != x.dtype:
-        raise NotImplementedError(f"norm_rope_write needs 16-bit x and qkv and a cache of that dtype, and a head "
-                                  f"dim of twice a power of two; got x {x.dtype}, qkv {qkv.shape} {qkv.dtype}, "
-                                  f"cache {kv_cache.dtype}")
+    if not supported(x.dtype, kv_cache.dtype, head_dim, cache_format) or qkv.dtype != x.dtype:
+        raise NotImplementedError(f"norm_rope_write needs 16-bit x and qkv, a cache of that dtype or of 8-bit float "
+                                  f"bytes, and a head dim of twice a power of two; got x {x.dtype}, qkv {qkv.shape} "
+                                  f"{qkv.dtype}, cache {kv_cache.dtype} (cache_format {cache_format})")
     group, half = width - 2, head_dim // 2
     block_e = _divisor(4096, embed)
 
@@ -65,18 +72,21 @@ def norm_rope_write(x: jax.Array, qkv: jax.Array, rope: tuple[jax.Array, jax.Arr
             scale = lax.rsqrt(sum(jnp.sum(c * c) for c in chunks) / embed + eps)
             a_b = [[part.astype(jnp.float32) * scale for part in row] for row in rows]
 
-            def rotated(j: int, out, *index) -> None:
+            def rotated(j: int) -> tuple[jax.Array, jax.Array]:
                 a, b = a_b[j]
-                out[(*index, pl.ds(0, half))] = (a * cos - b * sin).astype(out.dtype)
-                out[(*index, pl.ds(half, half))] = (b * cos + a * sin).astype(out.dtype)
+                return a * cos - b * sin, b * cos + a * sin
+
+            def store(ref, index: tuple, halves: tuple[jax.Array, jax.Array], convert) -> None:
+                for i, value in enumerate(halves):
+                    ref[(*index, pl.ds(i * half, half))] = convert(value)
 
             first = table_ref[t, 2]
             for g in range(group):
-                rotated(g, q_ref, h, first + g)
+                store(q_ref, (h, first + g), rotated(g), lambda v: v.astype(q_ref.dtype))
             where = (layer_ref[0], table_ref[t, 0], table_ref[t, 1])
-            rotated(group, cache_ref, *where, 2 * h)
-            for i, value in enumerate(a_b[group + 1]):
-                cache_ref[(*where, 2 * h + 1, pl.ds(i * half, half))] = value.astype(cache_ref.dtype)
+            entries = _entries(x.dtype, cache_format)
+            store(cache_ref, (*where, 2 * h), rotated(group), entries)
+            store(cache_ref, (*where, 2 * h + 1), a_b[group + 1], entries)
 
     return pl.pallas_call(
         kernel, grid=(num_tokens, num_kv_heads),
@@ -85,6 +95,19 @@ def norm_rope_write(x: jax.Array, qkv: jax.Array, rope: tuple[jax.Array, jax.Arr
         input_output_aliases={6: 1}, compiler_params=pltriton.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
         interpret=jax.default_backend() != "gpu", name="norm_rope_write",
     )(jnp.asarray(layer, jnp.int32).reshape(1), table, x, qkv, *rope, kv_cache)
+
+
+def _entries(dtype, cache_format: str | None):
+    """float32 K/V -> the cache's entries: `dtype`, or rounded to it and saturated to the 8-bit `cache_format`,
+    as bytes."""
+    if cache_format is None:
+        return lambda value: value.astype(dtype)
+    largest = float(jnp.finfo(cache_format).max)
+
+    def as_bytes(value):
+        value = jnp.clip(value.astype(dtype).astype(jnp.float32), -largest, largest)
+        return lax.bitcast_convert_type(value.astype(cache_format), jnp.uint8)
+    return as_bytes
 
 
 def _divisor(block: int, size: int) -> int:
