@@ -13,7 +13,7 @@ import pytest
 from jaxllm.model_loader import load_model
 from jaxllm.models.layers import rms_norm
 from pallas_kernels.norm_gate_up import Sizes, norm_gate_up
-from tests.test_reference_attention import random_batch
+from tests.layer_loop import assert_fusion_matches_xla, loop_kernels, model_step
 from tests.tiny_models import make_tiny
 
 
@@ -43,36 +43,6 @@ def test_refuses_what_it_does_not_take(rows, dtype):
         norm_gate_up(jnp.zeros((rows, 64), dtype), jnp.zeros((2, 64, 2, 32), dtype), 0, 1e-5)
 
 
-def _step(model, tokens: int):
-    """The model's step at `tokens` query rows (a decode of each of `tokens` sequences), as a function and its
-    arguments."""
-    cfg = model.cfg
-    _, _, _, cache, md = random_batch(np.random.default_rng(0), [1] * tokens, [9 + i for i in range(tokens)],
-                                      cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16, max_seqs=tokens)
-    cache = jnp.zeros((cfg.num_layers, *cache.shape[1:]), jnp.bfloat16)
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, tokens), jnp.int32)
-    return (lambda ids, cache, md: model(ids, jnp.arange(tokens) + 8, cache, md)[0]), (ids, cache, md)
-
-
-def _kernel_names(jaxpr) -> list[str]:
-    """Names of the Pallas kernels in `jaxpr` and in the jaxprs nested in its equations."""
-    names = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            names.append(eqn.params["name"])
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    names += _kernel_names(inner)
-    return names
-
-
-def _loop_kernels(step, args) -> list[str]:
-    (loop,) = [e for e in jax.make_jaxpr(step)(*args).jaxpr.eqns if e.primitive.name == "while"]
-    return _kernel_names(loop.params["body_jaxpr"].jaxpr)
-
-
 def test_model_uses_it_for_few_rows_on_the_mosaic_gpu_path(tmp_path, monkeypatch):
     """On the Mosaic GPU path a step of at most 16 rows runs the post-attention norm, gate/up and SiLU as the
     kernel, inside the layer loop, and computes what XLA's norm, GEMM and SiLU compute; 32 rows keep XLA's."""
@@ -80,14 +50,8 @@ def test_model_uses_it_for_few_rows_on_the_mosaic_gpu_path(tmp_path, monkeypatch
               intermediate_size=256)
     model = load_model(str(tmp_path), dtype="bfloat16", attention_backend="pallas_gpu").model
     for tokens, fused in ((4, True), (16, True), (32, False)):
-        assert ("norm_gate_up" in _loop_kernels(*_step(model, tokens))) == fused
-    step, args = _step(model, 4)
-    out = np.asarray(jax.jit(step)(*args), np.float32)
-    monkeypatch.setattr(model, "_fuses_norm_gate_up", lambda rows: False)
-    step, args = _step(model, 4)  # a new function: JAX caches traces by function
-    assert "norm_gate_up" not in _loop_kernels(step, args)
-    base = np.asarray(jax.jit(step)(*args), np.float32)
-    np.testing.assert_allclose(out, base, atol=3e-2 * np.abs(base).max())
+        assert ("norm_gate_up" in loop_kernels(*model_step(model, tokens))) == fused
+    assert_fusion_matches_xla(model, monkeypatch, "_fuses_norm_gate_up", "norm_gate_up")
 
 
 def test_model_keeps_xla_on_the_reference_path(tmp_path):

@@ -15,7 +15,7 @@ from jaxllm.models.layers import apply_rope, rms_norm, rope_tables
 from jaxllm.models.llama import FUSED_NORM_ROPE_ROWS
 from pallas_kernels.norm_rope_write import norm_rope_write
 from pallas_kernels.reference import cache_values, to_cache_dtype
-from tests.test_norm_gate_up import _loop_kernels, _step
+from tests.layer_loop import assert_fusion_matches_xla
 from tests.tiny_models import make_tiny
 
 LAYER = 1
@@ -92,16 +92,8 @@ def test_model_uses_it_on_the_mosaic_gpu_path_and_computes_the_same(tmp_path, mo
     make_tiny("llama", tmp_path, hidden_size=192, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
               intermediate_size=256)
     model = load_model(str(tmp_path), dtype="bfloat16", attention_backend="pallas_gpu").model
-    assert "norm_rope_write" in _loop_kernels(*_step(model, 4))
     assert model._fuses_norm_rope(FUSED_NORM_ROPE_ROWS) and not model._fuses_norm_rope(FUSED_NORM_ROPE_ROWS + 1)
-    step, args = _step(model, 4)
-    out = np.asarray(jax.jit(step)(*args), np.float32)
-    monkeypatch.setattr(model, "_fuses_norm_rope", lambda rows: False)
-    step, args = _step(model, 4)  # a new function: JAX caches traces by function
-    assert "norm_rope_write" not in _loop_kernels(step, args)
-    base = np.asarray(jax.jit(step)(*args), np.float32)
-    np.testing.assert_allclose(out, base, atol=3e-2 * np.abs(base).max())
-
+    assert_fusion_matches_xla(model, monkeypatch, "_fuses_norm_rope", "norm_rope_write")
 
 @pytest.mark.parametrize("backend,model_type,fused", [
     ("reference", "llama", False), ("pallas_gpu", "qwen3", False), ("pallas_gpu", "qwen2", False),
