@@ -5,10 +5,12 @@ one sequence: `64 // G` consecutive tokens times the G query heads that share th
 token-major. So every tile is one M=64 tensor-core (wgmma) operand, whether it holds a decode token (G
 rows) or a prefill chunk. The tile's K/V pages are gathered by TMA into shared memory `num_stages` blocks
 ahead of the tensor cores (one copy per page and K/V, all completing on the block's barrier). Long
-contexts are split over `num_splits` blocks (flash-decoding); XLA merges their partial outputs by their
-log-sum-exp. New K/V rows are written into their pages before the kernel (an in-place scatter on the
-donated cache), as the TPU kernel does. A tile of at most 8 rows (a decode token's heads) moves only that
-one 8-row TMA tile of queries in and of output out, and 16-bit P reaches P.V from registers.
+contexts are split over `num_splits` blocks (flash-decoding), whose partial outputs are merged by their
+log-sum-exp (`merge_splits`, one Pallas Triton kernel, for 16-bit outputs; XLA for float32). New K/V rows are
+written into their pages before the kernel (an in-place scatter on the donated cache), as the TPU kernel does;
+a model may instead write them with its queries already grouped (`norm_rope_write`, then `attend_grouped`).
+A tile of at most 8 rows (a decode token's heads) moves only that one 8-row TMA tile of queries in and of
+output out, and 16-bit P reaches P.V from registers.
 
 Where the time goes (`benchmarks/attention_anatomy.py`, `attention_ncu.py`; H100): at decode shapes the
 kernel is bound by HBM reads (about 82% of the DRAM peak under Nsight Compute); its arithmetic is hidden (the
@@ -143,8 +145,8 @@ def _tiled(plan: AttentionPlan | None, md: AttentionMetadata, q: jax.Array, kv_c
 def attend(q, kv_cache, md: AttentionMetadata, layer, *, sm_scale: float, sliding_window: int | None,
            soft_cap: float | None, sizes: BlockSizes, plan: AttentionPlan | None = None,
            cache_format: str | None = None) -> jax.Array:
-    """Attention of `q [T, H, D]` over the cache: query regrouping in XLA (by the plan's tables), the kernel,
-    the split merge and the row gather back to `[T, H, D]` in XLA."""
+    """Attention of `q [T, H, D]` over the cache: query regrouping in XLA (by the plan's tables), then
+    `attend_grouped`: the kernel, the split merge and the row gather back to `[T, H, D]`."""
     plan = _tiled(plan, md, q, kv_cache)
     shapes = _plan(q.shape, kv_cache, md, sizes, cache_format)
     return attend_grouped(_group_rows(q, plan.kernel.q_source, shapes), q.shape, kv_cache, md, layer,
