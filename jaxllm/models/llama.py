@@ -259,8 +259,7 @@ class LlamaForCausalLM(nnx.Module):
         kernels (`pallas_gpu`), on one device (under tensor or pipeline parallelism XLA partitions the GEMMs),
         for steps the kernel takes. Otherwise XLA's FP8 GEMMs get each layer's slice, which XLA copies first."""
         weights = [m for _, m in nnx.iter_graph(self.layers) if isinstance(m, Fp8Weight)]
-        mesh = jax.typeof(weights[0].weight[...]).sharding.mesh if weights else None
-        return (self.attention_backend == "pallas_gpu" and mesh is not None and (mesh.empty or mesh.size == 1)
+        return (self.attention_backend == "pallas_gpu" and bool(weights) and _on_one_device(weights[0].weight[...])
                 and streams_in_place(weights, rows))
 
     def _fuses_norm_gate_up(self, rows: int) -> bool:
@@ -268,13 +267,8 @@ class LlamaForCausalLM(nnx.Module):
         kernels (`pallas_gpu`, whose loading folds the norm scales), 16-bit weights on one device, and steps of at
         most 16 rows, the kernel's one tile of rows (batch-1 decoding: 0.2 ms less a token on an H100 at
         Llama-3.1-8B shape). Larger steps, where it was not measured, keep XLA's fusions around cuBLAS."""
-        gate_up = self.layers.mlp.gate_up_proj
-        if self.attention_backend != "pallas_gpu" or not self.layers.norm_scales_folded or isinstance(
-                gate_up, Fp8Weight):
-            return False
-        weight = jax.typeof(gate_up[...])
-        return ((weight.sharding.mesh.empty or weight.sharding.mesh.size == 1)
-                and norm_gate_up_supported(rows, weight.shape, weight.dtype))
+        weight = self._fusable(self.layers.mlp.gate_up_proj)
+        return weight is not None and norm_gate_up_supported(rows, weight.shape, weight.dtype)
 
     def _fuses_norm_rope(self, rows: int) -> bool:
         """Whether the input norm, RoPE, the queries' grouping and the K/V write run as one kernel
@@ -282,14 +276,20 @@ class LlamaForCausalLM(nnx.Module):
         device (the cache of their dtype or 8-bit), no q/k/v bias or q/k norm, and steps of at most
         `FUSED_NORM_ROPE_ROWS` rows (at 8B shape on an H100: 0.1-0.2 ms less a batch-1 token, 2% less a
         256-sequence step)."""
-        cfg, qkv = self.cfg, self.layers.attn.qkv_proj
-        if (self.attention_backend != "pallas_gpu" or not self.layers.norm_scales_folded or isinstance(qkv, Fp8Weight)
-                or cfg.qkv_bias or cfg.qk_norm or rows > FUSED_NORM_ROPE_ROWS):
+        cfg, weight = self.cfg, self._fusable(self.layers.attn.qkv_proj)
+        if weight is None or cfg.qkv_bias or cfg.qk_norm or rows > FUSED_NORM_ROPE_ROWS:
             return False
-        weight = jax.typeof(qkv[...])
-        return ((weight.sharding.mesh.empty or weight.sharding.mesh.size == 1)
-                and norm_rope_write_supported(weight.dtype, jnp.uint8 if self.kv_cache_format else weight.dtype,
-                                              cfg.head_dim, self.kv_cache_format))
+        cache_dtype = jnp.uint8 if self.kv_cache_format else weight.dtype
+        return norm_rope_write_supported(weight.dtype, cache_dtype, cfg.head_dim, self.kv_cache_format)
+
+    def _fusable(self, projection: nnx.Param | Fp8Weight):
+        """The type of a projection weight that a norm-fusing kernel may read, or None: on the Mosaic GPU path with
+        the norm scales folded into it (`fold_norm_scales`), not FP8, on one device (under tensor or pipeline
+        parallelism XLA partitions the projections around kernels it cannot see into)."""
+        if (self.attention_backend != "pallas_gpu" or not self.layers.norm_scales_folded
+                or isinstance(projection, Fp8Weight) or not _on_one_device(projection[...])):
+            return None
+        return jax.typeof(projection[...])
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[N, vocab]` for the given hidden rows."""
@@ -304,6 +304,12 @@ def _scale_rows(weight: jax.Array, scale: jax.Array) -> jax.Array:
     def scaled(w, g):
         return (w.astype(jnp.float32) * g.astype(jnp.float32).reshape(g.shape + (1,) * (w.ndim - 2))).astype(w.dtype)
     return jax.jit(scaled, out_shardings=weight.sharding, donate_argnums=0)(weight, scale)
+
+
+def _on_one_device(array: jax.Array) -> bool:
+    """Whether `array` (traced or not) lives on one device: no mesh, or a mesh of one."""
+    mesh = jax.typeof(array).sharding.mesh
+    return mesh.empty or mesh.size == 1
 
 
 def _matmul_precision(cfg: ModelConfig) -> str:
