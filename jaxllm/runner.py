@@ -14,10 +14,12 @@ the token statistics of the penalties stay on the device (`PenaltyState`), so a 
 into two reused flat staging buffers (int32 and float32) and transfers just those two. A decode-only batch
 can run `num_scheduler_steps` steps in one call: a loop inside the compiled step feeds each sampled token
 back as the next input, so the host pays once for several tokens. Each multi-step decode bucket is compiled
-three times, so that the host, not a run-time `cond`, decides whether the batch filters (top-k/top-p/min-p)
+four times, so that the host, not a run-time `cond`, decides whether the batch filters (top-k/top-p/min-p)
 or wants logprobs (`sampling.SamplerKind`: XLA:GPU decides a `cond` on the host, waiting for the device,
-which kept the host from queuing steps ahead): plain, without either; filter, for batches that filter; and
-full, with both for every row, for batches that want logprobs.
+which kept the host from queuing steps ahead): plain, without either; top-p and filter, for batches that
+filter; and full, with both for every row, for batches that want logprobs. On GPUs each single-step bucket
+is compiled twice: plain, for batches that neither filter nor want logprobs, and one that decides at run
+time for the rest (elsewhere a `cond` does not hold the host back, and the run-time program serves all).
 
 `dispatch` starts a step and returns; `fetch` waits for its results. The engine dispatches step N+1 before
 it fetches step N, so a sequence's input token may be one step N is still sampling: the step keeps each
@@ -72,7 +74,7 @@ PROMPT_LOGPROB_ROWS = 256  # rows of a step whose prompt logprobs are computed t
 
 class StepKey(NamedTuple):
     """Which compiled program runs a step: its token bucket, decode steps per call, whether it computes prompt
-    logprobs, and how it samples (`sampling.SamplerKind`: single steps decide at run time)."""
+    logprobs, and how it samples (`sampling.SamplerKind`)."""
 
     bucket: int
     num_steps: int
@@ -240,6 +242,11 @@ class ModelRunner:
                              static_argnames=("bucket", "num_steps", "with_prompt_logprobs", "sampler"),
                              out_shardings=(results, results, self.cache_sharding, replicated, replicated))
         self._executables: dict[StepKey, jax.stages.Compiled] = {}
+        # XLA:GPU decides a `cond` on the host, after the device gets there: a single step with the sampler's
+        # run-time `cond`s keeps the host from queuing the next step (and, after a multi-step call, from
+        # processing that call's results) while the GPU runs it. There, batches that need neither stage run a
+        # plain single step.
+        self.plain_single_steps = mesh.devices.flat[0].platform == "gpu"
         self.step_cache = StepCache.create(config.cache_dir() / "steps", mesh, settings_parts(config),
                                            self.model_config, rules, self.graphdef)
         self._resets: list[PenaltyReset] = []
@@ -282,8 +289,10 @@ class ModelRunner:
     def compile_steps(self, num_pages: int) -> int:
         """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is
         allocated: the single step of each bucket and the multi-step decode of each bucket a decode batch
-        can take (each of the multi-step `SamplerKind`s). Returns how many variants there are."""
-        variants = [StepKey(b, 1) for b in self.config.token_buckets()]
+        can take (each of the multi-step `SamplerKind`s), and on GPUs the plain single step of each bucket.
+        Returns how many variants there are."""
+        single = (SamplerKind.RUN_TIME, SamplerKind.PLAIN) if self.plain_single_steps else (SamplerKind.RUN_TIME,)
+        variants = [StepKey(b, 1, sampler=kind) for b in self.config.token_buckets() for kind in single]
         if self.num_scheduler_steps > 1:
             variants += [StepKey(b, self.num_scheduler_steps, sampler=kind) for b in self._decode_buckets()
                          for kind in (SamplerKind.FULL, SamplerKind.FILTER, SamplerKind.TOP_P, SamplerKind.PLAIN)]
@@ -365,7 +374,7 @@ class ModelRunner:
         bucket = self._bucket(out.num_tokens)
         staging = self._staging[bucket]
         want_logprobs = self._pack(out, staging, want_prompt)
-        sampler = self._sampler_kind(num_steps, want_logprobs, staging)
+        sampler = self._sampler_kind(num_steps, want_logprobs or want_prompt, staging)
         pages = np.concatenate(self._page_updates) if self._page_updates else np.zeros((0, 3), np.int32)
         # Copies: the staging buffers are refilled for the next step while this one may still be reading them.
         message = StepMessage(bucket, num_steps, want_prompt, staging.ints.copy(), staging.floats.copy(),
@@ -376,11 +385,13 @@ class ModelRunner:
             self.channel.publish(message)
         return InFlightStep(*self._guarded(lambda: self._run(message)), want_logprobs)
 
-    @staticmethod
-    def _sampler_kind(num_steps: int, want_logprobs: bool, staging: "_Staging") -> SamplerKind:
-        """Single steps decide at run time; a multi-step batch takes the least its rows need."""
+    def _sampler_kind(self, num_steps: int, want_logprobs: bool, staging: "_Staging") -> SamplerKind:
+        """A multi-step batch takes the least its rows need; a single step runs plain where that program exists
+        and the batch needs neither the filter nor logprobs (prompt logprobs included), else decides at run
+        time."""
         if num_steps == 1:
-            return SamplerKind.RUN_TIME
+            plain = self.plain_single_steps and not (want_logprobs or staging.uses_top_k() or staging.filters())
+            return SamplerKind.PLAIN if plain else SamplerKind.RUN_TIME
         if want_logprobs:
             return SamplerKind.FULL
         if staging.uses_top_k():

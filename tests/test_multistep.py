@@ -4,12 +4,14 @@ for penalties, fewer host round trips, streaming and abort, no compilation after
 
 import asyncio
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.async_engine import AsyncEngine
+from jaxllm.runner import StepKey
 from jaxllm.sampling import SamplerKind
 from tests.engine_fixtures import assert_idle, compilations
 from tests.tiny_models import make_tiny
@@ -133,6 +135,43 @@ def test_only_decode_batches_that_neither_filter_nor_want_logprobs_run_the_plain
     if extra is not None and extra.logprobs:
         assert [len(p) for p in out[-1].outputs[0].logprobs] == [2] * 16  # the top 2 (greedy: the token among them)
         assert out[-1].outputs[0].logprobs == expected[-1].outputs[0].logprobs
+
+
+SHORT_TOP_P = SamplingParams(temperature=0.8, top_p=0.5, seed=7, max_tokens=4, ignore_eos=True)
+
+
+@pytest.mark.parametrize("extra,kinds_seen", [
+    (None, {SamplerKind.PLAIN}), (SHORT_TOP_P, {SamplerKind.RUN_TIME, SamplerKind.PLAIN}),
+    (SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=2, ignore_eos=True),
+     {SamplerKind.RUN_TIME, SamplerKind.PLAIN})])
+def test_plain_single_steps_where_a_cond_holds_the_host(single, monkeypatch, extra, kinds_seen):
+    """Where the runner has plain single steps (GPUs), a single step whose batch neither filters nor wants
+    logprobs runs the program without the sampler's run-time `cond`s; while a request filters (or wants prompt
+    logprobs) its steps decide at run time. The tokens are those of the run-time program alone."""
+    runner, kinds = single.llm_engine.runner, []
+    params = PLAIN + ([extra] if extra else [])
+    expected, _ = run(single, params)
+    original = runner._run
+    monkeypatch.setattr(runner, "plain_single_steps", True)
+    monkeypatch.setattr(runner, "_run", lambda m: (kinds.append(m.sampler), original(m))[1])
+    out, _ = run(single, params)
+    assert tokens(out) == tokens(expected)
+    assert set(kinds) == kinds_seen
+    assert_idle(single.llm_engine, wait_s=0)
+
+
+def test_gpus_compile_a_plain_single_step_for_each_bucket(single, monkeypatch):
+    """On GPUs each bucket's single step is compiled plain as well as deciding at run time, at start-up with
+    the rest; elsewhere the run-time program serves every batch."""
+    runner = single.llm_engine.runner
+    assert runner.plain_single_steps == (jax.devices()[0].platform == "gpu")
+    buckets = single.llm_engine.config.token_buckets()
+    monkeypatch.setattr(runner, "_compile", lambda key, num_pages: key)
+    for plain, kinds in ((False, [SamplerKind.RUN_TIME]), (True, [SamplerKind.RUN_TIME, SamplerKind.PLAIN])):
+        monkeypatch.setattr(runner, "plain_single_steps", plain)
+        monkeypatch.setattr(runner, "_executables", {})
+        assert runner.compile_steps(8) == len(kinds) * len(buckets)
+        assert set(runner._executables) == {StepKey(b, 1, sampler=kind) for b in buckets for kind in kinds}
 
 
 @pytest.mark.parametrize("penalty,min_tokens", [(1.8, 0), (0.7, 0), (1.3, 8)])
