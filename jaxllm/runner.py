@@ -18,8 +18,9 @@ four times, so that the host, not a run-time `cond`, decides whether the batch f
 or wants logprobs (`sampling.SamplerKind`: XLA:GPU decides a `cond` on the host, waiting for the device,
 which kept the host from queuing steps ahead): plain, without either; top-p and filter, for batches that
 filter; and full, with both for every row, for batches that want logprobs. On GPUs each single-step bucket
-is compiled twice: plain, for batches that neither filter nor want logprobs, and one that decides at run
-time for the rest (elsewhere a `cond` does not hold the host back, and the run-time program serves all).
+is compiled three times: plain, top-p (the filter without top-k, as generation configs set it), and one that
+decides at run time for batches with top-k or logprobs; elsewhere a `cond` does not hold the host back, and
+the run-time program serves every single step.
 
 `dispatch` starts a step and returns; `fetch` waits for its results. The engine dispatches step N+1 before
 it fetches step N, so a sequence's input token may be one step N is still sampling: the step keeps each
@@ -244,9 +245,10 @@ class ModelRunner:
         self._executables: dict[StepKey, jax.stages.Compiled] = {}
         # XLA:GPU decides a `cond` on the host, after the device gets there: a single step with the sampler's
         # run-time `cond`s keeps the host from queuing the next step (and, after a multi-step call, from
-        # processing that call's results) while the GPU runs it. There, batches that need neither stage run a
-        # plain single step.
-        self.plain_single_steps = mesh.devices.flat[0].platform == "gpu"
+        # processing that call's results) while the GPU runs it. There, batches that need neither stage, or
+        # only min-p and top-p, run a single step without them.
+        self.single_step_samplers = ((SamplerKind.RUN_TIME, SamplerKind.PLAIN, SamplerKind.TOP_P)
+                                     if mesh.devices.flat[0].platform == "gpu" else (SamplerKind.RUN_TIME,))
         self.step_cache = StepCache.create(config.cache_dir() / "steps", mesh, settings_parts(config),
                                            self.model_config, rules, self.graphdef)
         self._resets: list[PenaltyReset] = []
@@ -289,10 +291,10 @@ class ModelRunner:
     def compile_steps(self, num_pages: int) -> int:
         """Compile every variant serving uses, with a progress bar, before the cache of `num_pages` pages is
         allocated: the single step of each bucket and the multi-step decode of each bucket a decode batch
-        can take (each of the multi-step `SamplerKind`s), and on GPUs the plain single step of each bucket.
-        Returns how many variants there are."""
-        single = (SamplerKind.RUN_TIME, SamplerKind.PLAIN) if self.plain_single_steps else (SamplerKind.RUN_TIME,)
-        variants = [StepKey(b, 1, sampler=kind) for b in self.config.token_buckets() for kind in single]
+        can take (each of the multi-step `SamplerKind`s); on GPUs, each bucket's single step once per sampler in
+        `single_step_samplers`. Returns how many variants there are."""
+        variants = [StepKey(b, 1, sampler=kind) for b in self.config.token_buckets()
+                    for kind in self.single_step_samplers]
         if self.num_scheduler_steps > 1:
             variants += [StepKey(b, self.num_scheduler_steps, sampler=kind) for b in self._decode_buckets()
                          for kind in (SamplerKind.FULL, SamplerKind.FILTER, SamplerKind.TOP_P, SamplerKind.PLAIN)]
@@ -386,17 +388,13 @@ class ModelRunner:
         return InFlightStep(*self._guarded(lambda: self._run(message)), want_logprobs)
 
     def _sampler_kind(self, num_steps: int, want_logprobs: bool, staging: "_Staging") -> SamplerKind:
-        """A multi-step batch takes the least its rows need; a single step runs plain where that program exists
-        and the batch needs neither the filter nor logprobs (prompt logprobs included), else decides at run
-        time."""
-        if num_steps == 1:
-            plain = self.plain_single_steps and not (want_logprobs or staging.uses_top_k() or staging.filters())
-            return SamplerKind.PLAIN if plain else SamplerKind.RUN_TIME
-        if want_logprobs:
-            return SamplerKind.FULL
-        if staging.uses_top_k():
-            return SamplerKind.FILTER
-        return SamplerKind.TOP_P if staging.filters() else SamplerKind.PLAIN
+        """The least the batch's rows need: logprobs (prompt logprobs included) take the full sampler, top-k the
+        filter, min-p or top-p the top-p filter. A single step whose kind was not compiled decides at run time."""
+        kind = (SamplerKind.FULL if want_logprobs else SamplerKind.FILTER if staging.uses_top_k()
+                else SamplerKind.TOP_P if staging.filters() else SamplerKind.PLAIN)
+        if num_steps == 1 and kind not in self.single_step_samplers:
+            return SamplerKind.RUN_TIME
+        return kind
 
     def fetch(self, step: "InFlightStep") -> StepOutput:
         """Wait for a dispatched step; its results as numpy arrays, only those its requests need."""

@@ -137,22 +137,28 @@ def test_only_decode_batches_that_neither_filter_nor_want_logprobs_run_the_plain
         assert out[-1].outputs[0].logprobs == expected[-1].outputs[0].logprobs
 
 
-SHORT_TOP_P = SamplingParams(temperature=0.8, top_p=0.5, seed=7, max_tokens=4, ignore_eos=True)
+GPU_SINGLE_STEPS = (SamplerKind.RUN_TIME, SamplerKind.PLAIN, SamplerKind.TOP_P)
+SHORT = dict(max_tokens=4, ignore_eos=True)
 
 
 @pytest.mark.parametrize("extra,kinds_seen", [
-    (None, {SamplerKind.PLAIN}), (SHORT_TOP_P, {SamplerKind.RUN_TIME, SamplerKind.PLAIN}),
-    (SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=2, ignore_eos=True),
-     {SamplerKind.RUN_TIME, SamplerKind.PLAIN})])
-def test_plain_single_steps_where_a_cond_holds_the_host(single, monkeypatch, extra, kinds_seen):
-    """Where the runner has plain single steps (GPUs), a single step whose batch neither filters nor wants
-    logprobs runs the program without the sampler's run-time `cond`s; while a request filters (or wants prompt
-    logprobs) its steps decide at run time. The tokens are those of the run-time program alone."""
+    (None, {SamplerKind.PLAIN}),
+    (SamplingParams(temperature=0.8, top_p=0.5, seed=7, **SHORT), {SamplerKind.TOP_P, SamplerKind.PLAIN}),
+    (SamplingParams(temperature=0.8, min_p=0.2, seed=7, **SHORT), {SamplerKind.TOP_P, SamplerKind.PLAIN}),
+    (SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=7, **SHORT), {SamplerKind.RUN_TIME, SamplerKind.PLAIN}),
+    (SamplingParams(temperature=0, logprobs=2, **SHORT), {SamplerKind.RUN_TIME, SamplerKind.PLAIN}),
+    (SamplingParams(temperature=0, prompt_logprobs=1, **SHORT), {SamplerKind.RUN_TIME, SamplerKind.PLAIN})])
+def test_single_steps_run_without_the_stages_they_do_not_need_where_a_cond_holds_the_host(
+        single, monkeypatch, extra, kinds_seen):
+    """Where the runner has plain and top-p single steps (GPUs), a single step whose batch neither filters nor
+    wants logprobs runs the program without the sampler's run-time `cond`s, and one whose rows use only top-p or
+    min-p the top-p filter without a `cond`; while a request uses top-k or (prompt) logprobs, its steps decide at
+    run time. The tokens are those of the run-time program alone."""
     runner, kinds = single.llm_engine.runner, []
     params = PLAIN + ([extra] if extra else [])
     expected, _ = run(single, params)
     original = runner._run
-    monkeypatch.setattr(runner, "plain_single_steps", True)
+    monkeypatch.setattr(runner, "single_step_samplers", GPU_SINGLE_STEPS)
     monkeypatch.setattr(runner, "_run", lambda m: (kinds.append(m.sampler), original(m))[1])
     out, _ = run(single, params)
     assert tokens(out) == tokens(expected)
@@ -160,15 +166,16 @@ def test_plain_single_steps_where_a_cond_holds_the_host(single, monkeypatch, ext
     assert_idle(single.llm_engine, wait_s=0)
 
 
-def test_gpus_compile_a_plain_single_step_for_each_bucket(single, monkeypatch):
-    """On GPUs each bucket's single step is compiled plain as well as deciding at run time, at start-up with
-    the rest; elsewhere the run-time program serves every batch."""
+def test_gpus_compile_plain_and_top_p_single_steps_for_each_bucket(single, monkeypatch):
+    """On GPUs each bucket's single step is compiled plain and top-p as well as deciding at run time, at
+    start-up with the rest; elsewhere the run-time program serves every batch."""
     runner = single.llm_engine.runner
-    assert runner.plain_single_steps == (jax.devices()[0].platform == "gpu")
+    on_gpu = jax.devices()[0].platform == "gpu"
+    assert runner.single_step_samplers == (GPU_SINGLE_STEPS if on_gpu else (SamplerKind.RUN_TIME,))
     buckets = single.llm_engine.config.token_buckets()
     monkeypatch.setattr(runner, "_compile", lambda key, num_pages: key)
-    for plain, kinds in ((False, [SamplerKind.RUN_TIME]), (True, [SamplerKind.RUN_TIME, SamplerKind.PLAIN])):
-        monkeypatch.setattr(runner, "plain_single_steps", plain)
+    for kinds in ((SamplerKind.RUN_TIME,), GPU_SINGLE_STEPS):
+        monkeypatch.setattr(runner, "single_step_samplers", kinds)
         monkeypatch.setattr(runner, "_executables", {})
         assert runner.compile_steps(8) == len(kinds) * len(buckets)
         assert set(runner._executables) == {StepKey(b, 1, sampler=kind) for b in buckets for kind in kinds}
