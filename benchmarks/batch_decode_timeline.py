@@ -5,7 +5,7 @@ tokens (Llama-3.1-8B shape, random bfloat16 weights, the engine's default bucket
 results, processing them), GPU busy time, the time of each kind of kernel (GEMMs, the attention
 kernel, copies, the other XLA fusions) and the idle gaps, as `decode_timeline.py` does for batch 1.
 
-    python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--calls 8]
+    python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--max-model-len 1024] [--calls 8]
         [--num-scheduler-steps 8] [--block-kv N] [--num-stages N] [--random-weights llama3-8b]
         [--top-p P] [--top-k K] [--logprobs N] [--quantization fp8] [--kv-cache-dtype fp8]
         [--profile-host PATH] [--output-json PATH]
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=448)
     parser.add_argument("--calls", type=int, default=8, help="engine steps traced once every prompt is in")
+    parser.add_argument("--max-model-len", type=int, default=1024, help="room for --prompt-len and the window")
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
     parser.add_argument("--block-kv", type=int, help="the attention kernel's KV tokens per pipeline step")
     parser.add_argument("--num-stages", type=int, help="the attention kernel's pipeline steps in flight")
@@ -102,14 +103,14 @@ def main() -> None:
     blocks = {k: v for k, v in (("block_kv", args.block_kv), ("num_stages", args.num_stages),
                                 ("num_splits", args.num_splits)) if v}
     llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=1024, num_scheduler_steps=args.num_scheduler_steps, max_num_seqs=args.batch,
+              max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps, max_num_seqs=args.batch,
               attention_block_sizes=blocks or None, quantization=args.quantization,
               kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.llm_engine
     host = HostTimes(engine)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=1.0, top_p=args.top_p, top_k=args.top_k, logprobs=args.logprobs,
-                            ignore_eos=True, max_tokens=1024 - args.prompt_len - 8)
+                            ignore_eos=True, max_tokens=args.max_model_len - args.prompt_len - 8)
 
     def decode_window(trace_dir: str | None, timed: bool = False,
                       profile: cProfile.Profile | None = None) -> tuple[float, int, float]:

@@ -4,6 +4,7 @@ batches, in bfloat16 and in float32 (computed as bfloat16 halves); its contract 
 The interpreter checks the kernel's semantics (TMA copies, barriers, wgmma, the split merge); Mosaic's
 lowering and real timing are checked on an H100 by `benchmarks/attention.py`."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import pallas_kernels
 from jaxllm import LLM, SamplingParams
 from pallas_kernels import gpu
+from pallas_kernels.metadata import AttentionMetadata
 from tests.test_reference_attention import CACHE_8BIT, attend_8bit_cache, dense_attention, max_row_error, random_batch
 from tests.tiny_models import make_tiny
 
@@ -21,6 +23,8 @@ CASES = [
     ([9, 1, 12], [9, 40, 90], 7, 1, 64, 32, 20, None, None),  # G=7 (tiles of 8 tokens), sliding window
     ([3, 6], [130, 6], 2, 2, 128, 128, None, 5.0, 2),  # MHA, soft-cap, page larger than a KV block
     ([2, 1], [66, 3], 4, 2, 256, 64, None, None, None),  # head dim 256 (two stages fit)
+    ([1], [700], 8, 2, 64, 16, None, None, None),  # one decode, long context: 6 splits in a grid of 11
+    ([1, 1, 1, 1], [300, 17, 500, 64], 8, 2, 64, 16, None, None, None),  # 4 splits each; short ones leave some empty
 ]
 
 
@@ -47,7 +51,6 @@ def test_matches_dense_attention(q_lens, ctx, h, kvh, d, page, window, cap, spli
 def test_16bit_splits_are_merged_by_one_kernel(dtype, splits, merged_by_kernel):
     """KV splits of 16-bit outputs are merged by `merge_splits` (one kernel, not XLA's two); one split needs no
     merge, and float32 outputs keep XLA's (the values are checked against dense attention above)."""
-    import jax
 
     q, k, v, cache, md = random_batch(np.random.default_rng(0), [1, 3], [40, 20], 8, 2, 64, 16, max_seqs=3)
     args = [jnp.asarray(x, dtype) for x in (q, k, v, cache)]
@@ -57,6 +60,23 @@ def test_16bit_splits_are_merged_by_one_kernel(dtype, splits, merged_by_kernel):
     assert ("merge_splits" in names) == merged_by_kernel, names
 
 
+@pytest.mark.parametrize("sequences,longest,splits", [(1, 8192, 16), (1, 2048, 16), (1, 512, 4), (1, 64, 1),
+                                                     (4, 1536, 5), (16, 512, 2), (16, 2048, 2)])
+def test_each_step_splits_few_long_contexts_more(sequences, longest, splits):
+    """In the engine's smallest decode bucket (16 token and sequence slots; Llama-3-8B's 8 KV heads, a grid of 3
+    splits a tile) a step's tiles take enough splits for about one block an SM, none shorter than two KV blocks of
+    its longest context, and at most 16: one sequence of 8192 tokens gets 16 where the grid's own split count is 3.
+    A fixed `num_splits` is kept as it is."""
+    q_shape, cache = (16, 32, 128), jax.ShapeDtypeStruct((1, 16 * 512, 16, 16, 128), jnp.bfloat16)
+    md = AttentionMetadata(cu_q_lens=jnp.zeros(17, jnp.int32), kv_lens=jnp.zeros(16, jnp.int32),
+                           page_indices=jnp.zeros((16, 512), jnp.int32), num_seqs=jnp.ones(1, jnp.int32))
+    shapes = gpu._plan(q_shape, cache, md, gpu.BlockSizes(), None)
+    assert (shapes.num_splits, shapes.num_tiles, shapes.max_splits) == (3, 16, 16)
+    assert int(shapes.splits_per_tile(jnp.int32(sequences), jnp.int32(longest))) == splits
+    fixed = gpu._plan(q_shape, cache, md, gpu.BlockSizes(num_splits=3), None)
+    assert int(fixed.splits_per_tile(jnp.int32(sequences), jnp.int32(longest))) == 3
+
+
 def test_tiles_start_on_whole_tma_tiles():
     for group in (*range(1, 9), 10, 12, 14, 16, 32, 64):
         tokens = gpu.tokens_per_tile(group)
@@ -64,7 +84,7 @@ def test_tiles_start_on_whole_tma_tiles():
     assert gpu.tokens_per_tile(9) == 0  # refused by the kernel with a clear error
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[2]])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5], CASES[6]])
 def test_float32_close_to_float32_reference(case):
     out, expected, n = run_kernel(*case, dtype=jnp.float32)
     np.testing.assert_allclose(out[:n], expected[:n], rtol=1e-4, atol=1e-4)
@@ -159,7 +179,6 @@ def test_layers_share_the_step_plan(tmp_path, backend):
     """What the batch layout implies (rows' sequences and pages, rotary angles, the GPU kernel's tiles and row
     maps) is computed once per step, before the layer loop: the loop body holds no cumulative sum (row bases,
     tile table) and no sin or cos (rotary tables). On GPUs each would be a kernel launch per layer."""
-    import jax
 
     from jaxllm.model_loader import load_model
 
@@ -185,7 +204,6 @@ def test_layer_weights_enter_the_layer_loop_sliced_by_its_counter(tmp_path):
     layer's weights in place. Slicing by some other index made XLA copy all 16 GB of an 8B model's weights
     every token on an H100 (session 3, ~9.8 ms per token); the attention kernel takes the same counter as its
     cache layer, so no other index array is sliced per layer either."""
-    import jax
     from flax import nnx
 
     from jaxllm.model_loader import load_model
