@@ -5,8 +5,9 @@ tokens (Llama-3.1-8B shape, random bfloat16 weights, the engine's default bucket
 results, processing them), GPU busy time, the time of each kind of kernel (GEMMs, the attention
 kernel, copies, the other XLA fusions) and the idle gaps, as `decode_timeline.py` does for batch 1.
 
-    python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--max-model-len 1024] [--calls 8]
-        [--num-scheduler-steps 8] [--block-kv N] [--num-stages N] [--random-weights llama3-8b]
+    python benchmarks/batch_decode_timeline.py [--batch 256] [--prompt-len 448] [--max-model-len 1024]
+        [--max-num-seqs N] [--calls 8] [--num-scheduler-steps 8] [--block-kv N] [--num-stages N]
+        [--random-weights llama3-8b]
         [--top-p P] [--top-k K] [--logprobs N] [--quantization fp8] [--kv-cache-dtype fp8]
         [--profile-host PATH] [--output-json PATH]
 
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=448)
     parser.add_argument("--calls", type=int, default=8, help="engine steps traced once every prompt is in")
     parser.add_argument("--max-model-len", type=int, default=1024, help="room for --prompt-len and the window")
+    parser.add_argument("--max-num-seqs", type=int, help="the engine's sequence cap (default: --batch)")
     parser.add_argument("--num-scheduler-steps", type=int, default=8)
     parser.add_argument("--block-kv", type=int, help="the attention kernel's KV tokens per pipeline step")
     parser.add_argument("--num-stages", type=int, help="the attention kernel's pipeline steps in flight")
@@ -103,7 +105,8 @@ def main() -> None:
     blocks = {k: v for k, v in (("block_kv", args.block_kv), ("num_stages", args.num_stages),
                                 ("num_splits", args.num_splits)) if v}
     llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps, max_num_seqs=args.batch,
+              max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps,
+              max_num_seqs=args.max_num_seqs or args.batch,
               attention_block_sizes=blocks or None, quantization=args.quantization,
               kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.llm_engine

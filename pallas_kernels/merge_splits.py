@@ -50,8 +50,8 @@ def merge_splits(out: jax.Array, lse: jax.Array, tokens: jax.Array, group: int, 
         def _merge():
             # Every load before any store, so that their latencies overlap (Triton keeps loads after a store that
             # may alias them): loads between the rows' stores made the kernel 3.5 us on an H100. Splits past the
-            # tile's own read its first again, at weight zero.
-            slots = [tile * splits + jnp.where(s < splits, s, 0) for s in range(max_splits)]
+            # tile's own read its last again, at weight zero.
+            slots = [tile * splits + jnp.minimum(s, splits - 1) for s in range(max_splits)]
             where = [(lax.div(w, num_tiles), lax.rem(w, num_tiles)) for w in slots]
             rows = [first + g for g in range(group)]
             parts = [[out_ref[p, h, q, row, :] for p, q in where] for row in rows]
