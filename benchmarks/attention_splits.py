@@ -1,10 +1,10 @@
 """The Mosaic GPU attention kernel's KV splits at small decode batches: GPU time of one layer's attention (Llama-3-8B
 heads, bfloat16, pages of 16 tokens; the kernel and the split merge) in the engine's smallest decode bucket (16
 token and sequence slots, the rest padding), for each number of splits, against the KV bytes it reads. The
-grid's split axis is sized by the bucket's sequence slots (3 in this bucket); within it each step picks its
-tiles' splits from its own sequences and longest context (`--splits 0`, the default) unless a fixed number is
-given. The times include the kernel's per-call planning (tens of microseconds), the same for every variant: compare
-the variants of a case, not the cases.
+heuristic sizes a tile's splits by the bucket's sequence slots (3 in this bucket; `--splits 0`), whatever the
+batch's own sequences and context: this measures what that leaves at one sequence and at long contexts. The times
+include the kernel's per-call planning (tens of microseconds), the same for every variant: compare the variants
+of a case, not the cases.
 
     python benchmarks/attention_splits.py [--splits 0 1 2 3 4 8 16] [--output-json PATH]
 """
@@ -26,7 +26,7 @@ CASES = ((1, 512), (1, 2048), (1, 8192), (4, 1536), (4, 8192), (16, 512), (16, 2
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 3, 4, 8, 16],
-                        help="fixed KV splits a tile; 0: each step's own choice (the default kernel)")
+                        help="KV splits a tile; 0: the kernel's heuristic")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = []
@@ -41,7 +41,7 @@ def main() -> None:
             rows.append({"sequences": seqs, "context": context, "splits": splits, "us": seconds * 1e6,
                          "tb_per_s": kv_bytes / seconds / 1e12})
             tb_per_s = kv_bytes / seconds / 1e12
-            print(f"| {seqs} x {context} | {splits or 'per step'} | {seconds * 1e6:.1f} | {tb_per_s:.2f} |")
+            print(f"| {seqs} x {context} | {splits or 'heuristic'} | {seconds * 1e6:.1f} | {tb_per_s:.2f} |")
         del q, cache
     save_rows(args.output_json, rows)
 

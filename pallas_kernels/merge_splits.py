@@ -13,11 +13,8 @@ JAX 0.11.2, which jaxllm pins, marks its Pallas Triton backend deprecated in fav
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -29,34 +26,26 @@ def supported(head_dim: int) -> bool:
     return head_dim & (head_dim - 1) == 0
 
 
-def merge_splits(out: jax.Array, lse: jax.Array, tokens: jax.Array, group: int, dtype,
-                 splits_of: Callable[[jax.Array, jax.Array], jax.Array], max_splits: int) -> jax.Array:
+def merge_splits(out: jax.Array, lse: jax.Array, tokens: jax.Array, group: int, dtype) -> jax.Array:
     """`[T, KVH * G, D]` in `dtype`: for each real token, `sum_s w_s out_s / sum_s w_s` over the splits of its rows,
-    `w_s = 2^lse_s` (log2 units, as the kernel writes them). `out [S, KVH, tiles, 64, D]`, `lse [S, KVH, tiles,
-    64]`: the kernel's (split, tile) block slots, in which tile t's splits are slots `t * n` to `t * n + n - 1`
-    (slot `s * tiles + tile`). `tokens [T, 5]`: each token's tile, its first row in the tile (its G rows follow),
-    1 for a real token (0 for padding), and the step's tiles and longest context, from which `splits_of` gives n
-    (at most `max_splits`)."""
-    _, num_kv_heads, num_tiles, _, head_dim = out.shape
+    `w_s = 2^lse_s` (log2 units, as the kernel writes them). `out [splits, KVH, tiles, 64, D]`, `lse [splits, KVH,
+    tiles, 64]`, `tokens [T, 3]`: each token's tile, its first row in the tile (its G rows follow), and 1 for a
+    real token, 0 for padding."""
+    num_splits, num_kv_heads, _, _, head_dim = out.shape
     if not supported(head_dim):
         raise NotImplementedError(f"merge_splits needs a head dim that is a power of two, got {head_dim}")
 
     def kernel(tokens_ref, out_ref, lse_ref, merged_ref):
         t, h = pl.program_id(0), pl.program_id(1)
         tile, first, real = tokens_ref[t, 0], tokens_ref[t, 1], tokens_ref[t, 2]
-        splits = splits_of(tokens_ref[t, 3], tokens_ref[t, 4])
 
         @pl.when(real != 0)
         def _merge():
             # Every load before any store, so that their latencies overlap (Triton keeps loads after a store that
-            # may alias them): loads between the rows' stores made the kernel 3.5 us on an H100. Splits past the
-            # tile's own read its last again, at weight zero.
-            slots = [tile * splits + jnp.minimum(s, splits - 1) for s in range(max_splits)]
-            where = [(lax.div(w, num_tiles), lax.rem(w, num_tiles)) for w in slots]
+            # may alias them): loads between the rows' stores made the kernel 3.5 us on an H100.
             rows = [first + g for g in range(group)]
-            parts = [[out_ref[p, h, q, row, :] for p, q in where] for row in rows]
-            weights = [[jnp.where(s < splits, lse_ref[p, h, q, row], -jnp.inf) for s, (p, q) in enumerate(where)]
-                       for row in rows]
+            parts = [[out_ref[s, h, tile, row, :] for s in range(num_splits)] for row in rows]
+            weights = [[lse_ref[s, h, tile, row] for s in range(num_splits)] for row in rows]
             for g in range(group):
                 merged_ref[t, h * group + g, :] = _merged(parts[g], weights[g]).astype(merged_ref.dtype)
 
