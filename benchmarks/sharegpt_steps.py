@@ -26,9 +26,8 @@ from batch_decode_timeline import kind_of
 from decode_timeline import summarize, write_json
 from jax.profiler import ProfileData
 
-from jaxllm import LLM, SamplingParams
-from jaxllm.bench.datasets import sharegpt
-from jaxllm.bench.presets import random_weights_dir
+from jaxllm import LLM
+from jaxllm.bench import throughput
 from jaxllm.engine_config import KV_CACHE_DTYPES
 
 # FLOPs a token spends in the layers' GEMMs (2 x the 7.50 B parameters outside the embedding and LM head).
@@ -180,13 +179,9 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     parser.add_argument("--output-json")
     args = parser.parse_args()
-    requests = sharegpt(args.num_prompts, Path(args.dataset_path))
-    longest = max(len(r.prompt_token_ids) + r.output_len for r in requests)
-    llm = LLM(random_weights_dir(args.random_weights), load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=-(-longest // 256) * 256, kv_cache_dtype=args.kv_cache_dtype)
-    vocab = llm.llm_engine.model_config.vocab_size
-    prompts = [{"prompt_token_ids": [t % vocab for t in r.prompt_token_ids]} for r in requests]
-    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.output_len) for r in requests]
+    options = {"model": None, "random_weights": args.random_weights, "dataset": "sharegpt",
+               "dataset_path": Path(args.dataset_path), "num_prompts": args.num_prompts}
+    llm, requests, prompts, params = throughput.workload(options, {"kv_cache_dtype": args.kv_cache_dtype})
     recorder = CallRecorder(llm.llm_engine)
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)

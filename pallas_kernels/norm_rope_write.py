@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.reference import to_cache_dtype
+
 _SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _8BIT_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 _NUM_WARPS = 4
@@ -102,12 +104,8 @@ def _entries(dtype, cache_format: str | None):
     as bytes."""
     if cache_format is None:
         return lambda value: value.astype(dtype)
-    largest = float(jnp.finfo(cache_format).max)
-
-    def as_bytes(value):
-        value = jnp.clip(value.astype(dtype).astype(jnp.float32), -largest, largest)
-        return lax.bitcast_convert_type(value.astype(cache_format), jnp.uint8)
-    return as_bytes
+    return lambda value: lax.bitcast_convert_type(
+        to_cache_dtype(value.astype(dtype).astype(jnp.float32), cache_format), jnp.uint8)
 
 
 def _divisor(block: int, size: int) -> int:

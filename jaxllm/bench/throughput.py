@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from jaxllm.bench.datasets import random_tokens, sharegpt
 from jaxllm.bench.presets import random_weights_dir
 from jaxllm.sampling_params import SamplingParams
 
 
-def run(options: dict[str, Any], engine_args: dict[str, Any]) -> dict[str, Any]:
+class Workload(NamedTuple):
+    """The engine and the requests a throughput run generates: prompts and their exact-length sampling params."""
+
+    llm: Any
+    requests: list
+    prompts: list[dict]
+    params: list[SamplingParams]
+
+
+def workload(options: dict[str, Any], engine_args: dict[str, Any]) -> Workload:
+    """The engine for `options` (a model, or `random_weights`) and its requests, as `run` times them."""
     from jaxllm.llm import LLM
 
     model = options["model"]
@@ -36,6 +46,11 @@ def run(options: dict[str, Any], engine_args: dict[str, Any]) -> dict[str, Any]:
     # vLLM's settings; `sampling` (not a CLI flag: benchmarks/sharegpt_sampling.py) overrides them.
     settings = {"temperature": 1.0, "top_p": 1.0, **options.get("sampling", {})}
     params = [SamplingParams(**settings, ignore_eos=True, max_tokens=r.output_len) for r in requests]
+    return Workload(llm, requests, prompts, params)
+
+
+def run(options: dict[str, Any], engine_args: dict[str, Any]) -> dict[str, Any]:
+    llm, requests, prompts, params = workload(options, engine_args)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -47,7 +62,7 @@ def run(options: dict[str, Any], engine_args: dict[str, Any]) -> dict[str, Any]:
     result = {"elapsed_time": elapsed, "num_requests": len(requests), "total_num_tokens": total,
               "requests_per_second": len(requests) / elapsed, "tokens_per_second": total / elapsed,
               "output_tokens_per_second": sum(generated) / elapsed,
-              "model": options.get("random_weights") or model}
+              "model": options.get("random_weights") or options["model"]}
     print(f"Throughput: {result['requests_per_second']:.2f} requests/s, {result['tokens_per_second']:.2f} total "
           f"tokens/s, {result['output_tokens_per_second']:.2f} output tokens/s")
     if options.get("output_json"):
