@@ -2,9 +2,9 @@
 heads, bfloat16, pages of 16 tokens; the kernel and the split merge) in the engine's smallest decode bucket (16
 token and sequence slots, the rest padding), for each number of splits, against the KV bytes it reads. The
 heuristic sizes a tile's splits by the bucket's sequence slots (3 in this bucket; `--splits 0`), whatever the
-batch's own sequences and context: this measures what that leaves at one sequence and at long contexts. The times
-include the kernel's per-call planning (tens of microseconds), the same for every variant: compare the variants
-of a case, not the cases.
+batch's own sequences and context: this measures what that leaves at one sequence and at long contexts. Each
+variant's GPU time is split into the attention kernel, the split merge, and the rest: the call's planning, which
+the engine pays once a step, not once a layer (tens of microseconds here).
 
     python benchmarks/attention_splits.py [--splits 0 1 2 3 4 8 16] [--output-json PATH]
 """
@@ -15,7 +15,9 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from attention import HEAD_DIM, KV_HEADS, attend_fn, gpu_time, ragged_batch, save_rows
+import numpy as np
+from attention import HEAD_DIM, KV_HEADS, attend_fn, ragged_batch, save_rows
+from jax.experimental.mosaic.gpu import profiler
 
 from pallas_kernels import gpu
 
@@ -30,20 +32,38 @@ def main() -> None:
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = []
-    print("| sequences x context | splits | us | KV TB/s |\n| --- | --- | --- | --- |")
+    print("| sequences x context | splits | kernel + merge us | kernel us | merge us | planning us | KV TB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for i, (seqs, context) in enumerate(CASES):
         q, cache, md = ragged_batch([1] * seqs, [context] * seqs, 16, jax.random.key(i), max_seqs=BUCKET)
         q = jnp.pad(q, ((0, BUCKET - seqs), (0, 0), (0, 0)))  # the bucket's padding tokens
         kv_bytes = seqs * context * KV_HEADS * HEAD_DIM * 2 * 2
         for splits in args.splits:
             fn = attend_fn("pallas_gpu", sizes=gpu.BlockSizes(num_splits=splits or None))
-            seconds = gpu_time(fn, q, cache, md)
-            rows.append({"sequences": seqs, "context": context, "splits": splits, "us": seconds * 1e6,
-                         "tb_per_s": kv_bytes / seconds / 1e12})
-            tb_per_s = kv_bytes / seconds / 1e12
-            print(f"| {seqs} x {context} | {splits or 'heuristic'} | {seconds * 1e6:.1f} | {tb_per_s:.2f} |")
+            us = kernel_times(fn, q, cache, md)
+            work = us["kernel"] + us["merge"]
+            rows.append({"sequences": seqs, "context": context, "splits": splits, **us,
+                         "tb_per_s": kv_bytes / work / 1e6})
+            print(f"| {seqs} x {context} | {splits or 'heuristic'} | {work:.1f} | {us['kernel']:.1f} | "
+                  f"{us['merge']:.1f} | {us['planning']:.1f} | {kv_bytes / work / 1e6:.2f} |")
         del q, cache
     save_rows(args.output_json, rows)
+
+
+def kernel_times(fn, *args, iterations: int = 20) -> dict[str, float]:
+    """Median microseconds a call of `fn` spends in the attention kernel (Mosaic GPU), the split merge
+    (`merge_splits`) and the rest (planning; XLA's gather where one split needs no merge), by CUPTI."""
+    jax.block_until_ready(fn(*args))
+    _, calls = profiler.measure(fn, aggregate=False, iterations=iterations)(*args)
+    by_kind = {"kernel": [], "merge": [], "planning": []}
+    for kernels in calls:
+        totals = dict.fromkeys(by_kind, 0.0)
+        for name, ms in kernels:
+            kind = "kernel" if "mosaic" in name else "merge" if "merge" in name else "planning"
+            totals[kind] += ms * 1e3
+        for kind, us in totals.items():
+            by_kind[kind].append(us)
+    return {kind: float(np.median(us)) for kind, us in by_kind.items()}
 
 
 if __name__ == "__main__":

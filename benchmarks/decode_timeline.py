@@ -9,7 +9,7 @@ kernel, so a whole layer; with `--quantization fp8` the FP8 GEMMs are Mosaic ker
 with the idle time before each. The workload is `profile_decode.py`'s (`decode_workload`).
 
     python benchmarks/decode_timeline.py [--num-scheduler-steps N] [--quantization fp8] [--kv-cache-dtype fp8]
-        [--num-splits N] [--output-json PATH] [--dump-hlo PATH]
+        [--num-splits N] [--prompt-len N] [--output-json PATH] [--dump-hlo PATH]
 
 GPU busy here counts copies as well as kernels (CUPTI kernel records, as in `profile_decode.py`, miss copies
 made with `cudaMemcpyAsync`). `--dump-hlo` writes the optimized HLO of the smallest multi-step decode program.
@@ -126,13 +126,14 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["fp8"])
     parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     parser.add_argument("--num-splits", type=int, help="the attention kernel's KV splits (default: its heuristic)")
+    parser.add_argument("--prompt-len", type=int, default=512, help="the context decode starts from")
     parser.add_argument("--output-json")
     parser.add_argument("--dump-hlo")
     args = parser.parse_args()
     blocks = {"num_splits": args.num_splits} if args.num_splits else None
     llm, run, times = decode_workload(args.num_scheduler_steps, max_num_batched_tokens=512, max_num_seqs=16,
                                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                                      attention_block_sizes=blocks)
+                                      attention_block_sizes=blocks, prompt_len=args.prompt_len)
     if args.dump_hlo:
         runner = llm.llm_engine.runner
         key = min(k for k in runner._executables if k.num_steps > 1 and k.sampler is SamplerKind.PLAIN)

@@ -72,15 +72,18 @@ def timed_request(llm: LLM, prompt: dict, params: SamplingParams) -> DecodeTimes
 def decode_workload(num_scheduler_steps: int, max_num_batched_tokens: int | None = None,
                     max_num_seqs: int | None = None, quantization: str | None = None,
                     kv_cache_dtype: str = "auto",
-                    attention_block_sizes: dict[str, int] | None = None) -> tuple[LLM, Callable[[], None], DecodeTimes]:
+                    attention_block_sizes: dict[str, int] | None = None,
+                    prompt_len: int = 512) -> tuple[LLM, Callable[[], None], DecodeTimes]:
     """The engine and the call every decode profile looks at: generate `TOKENS + 1` tokens after a 512-token
     prompt (the first from the prefill, then `TOKENS` decode steps). Returns the engine, the call, and its wall
-    times, timed once it is warm."""
-    llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True, max_model_len=1024,
+    times, timed once it is warm. A longer `prompt_len` measures decode at long context."""
+    max_model_len = max(1024, prompt_len + TOKENS + 1)
+    llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True,
+              max_model_len=max_model_len,
               num_scheduler_steps=num_scheduler_steps, max_num_batched_tokens=max_num_batched_tokens,
               max_num_seqs=max_num_seqs, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
               attention_block_sizes=attention_block_sizes)
-    prompt = {"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, 512).tolist()}
+    prompt = {"prompt_token_ids": np.random.default_rng(0).integers(0, 128000, prompt_len).tolist()}
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=TOKENS + 1)
 
     def run() -> None:

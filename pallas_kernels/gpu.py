@@ -49,7 +49,11 @@ from pallas_kernels.reference import write_kv
 ROWS = 64  # query rows per tile: the M of one Hopper wgmma
 _TMA_ROWS = 8  # rows of one swizzled shared-memory tile: TMA moves and wgmma reads whole 8-row tiles
 _LOG2E = math.log2(math.e)
-_NUM_SMS = 132  # H100 SXM; only sizes the split heuristic
+_NUM_SMS = 132  # H100 SXM; only sizes the split heuristics
+_MAX_SPLITS = 16  # KV splits of one tile at most
+# KV blocks a split takes at least: at one sequence of 512 tokens on an H100, 16 splits of 32 tokens took 3.7 us
+# more than 4 of 128 (`benchmarks/attention_splits.py`)
+_MIN_SPLIT_BLOCKS = 2
 _SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper block may use
 # Lane semantics: registers carry the layouts we give them (wgmma's), no layout inference.
 _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
@@ -57,7 +61,8 @@ _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True, lowering_semantics=plg
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """KV tokens per pipeline step, steps in flight, and KV splits per tile (None: fill the GPU). Two stages
+    """KV tokens per pipeline step, steps in flight, and KV splits per tile (None: chosen each step by
+    `splits_per_tile`, from the step's own tiles and longest context, within the `_plan` heuristic's grid). Two stages
     leave room in shared memory for two blocks per SM, so one block's pipeline fill can overlap another's work:
     on an H100 that beat three and four stages at every decode and prefill shape measured
     (`benchmarks/attention_blocks.py`: 8% at 256 decodes of 480 tokens, 31% on a 2048-token prefill)."""
@@ -77,9 +82,10 @@ class _Shapes:
     page_size: int
     pages_per_seq: int
     num_tiles: int
-    num_splits: int
+    num_splits: int  # the grid's split axis: `num_splits * num_tiles` block slots per KV head for the tiles' splits
     block_kv: int
     num_stages: int
+    dynamic_splits: bool  # each step picks its tiles' splits (`splits_per_tile`); else every tile takes num_splits
     split_float32: bool = False  # float32 inputs, computed as bfloat16 high and low halves
     cache_format: str | None = None  # the 8-bit float type a byte cache holds, converted to float16 in the kernel
     # P reaches P.V through shared memory: float32's halves, and under the GPU interpreter, whose wgmma takes
@@ -94,6 +100,29 @@ class _Shapes:
     def cache_8bit(self) -> bool:
         return self.cache_format is not None
 
+    @property
+    def max_splits(self) -> int:
+        """The most splits a tile can take: what a split merge must read."""
+        if not self.dynamic_splits or self.num_splits == 1:
+            return self.num_splits
+        return min(_MAX_SPLITS, self.num_splits * self.num_tiles)
+
+    def splits_per_tile(self, active, longest):
+        """KV splits of each of a step's `active` query tiles, whose longest context is `longest` tokens: a fixed
+        `num_splits`, or enough (KV head, tile, split) blocks for one an SM, with no split shorter than
+        `_MIN_SPLIT_BLOCKS` KV blocks of the longest context, at most `max_splits`, and all within the grid's block
+        slots. The kernel, `merge_splits` and XLA's merge must agree: each calls this. Scalar int32 arithmetic that
+        XLA, Mosaic GPU and Triton all lower."""
+        if not self.dynamic_splits or self.num_splits == 1:
+            return jnp.int32(self.num_splits)
+        active = jnp.maximum(active, 1)
+        heads = active * self.num_kv_heads
+        fill = lax.div(_NUM_SMS + heads - 1, heads)
+        blocks = lax.div(longest + self.block_kv - 1, jnp.int32(self.block_kv))
+        by_length = lax.div(blocks + _MIN_SPLIT_BLOCKS - 1, jnp.int32(_MIN_SPLIT_BLOCKS))
+        room = lax.div(jnp.int32(self.num_splits * self.num_tiles), active)
+        return jnp.maximum(jnp.minimum(jnp.minimum(fill, by_length), jnp.minimum(room, self.max_splits)), 1)
+
 
 def tokens_per_tile(group: int) -> int:
     """Tokens of a query tile: as many as fill 64 rows of `group` heads each while every tile starts 8-row
@@ -107,14 +136,16 @@ def tokens_per_tile(group: int) -> int:
 class TilePlan:
     """The kernel's tables for one step's batch, the same for every layer (`plan_step`)."""
 
-    tiles: jax.Array  # [num_tiles, 6] see `_tile_table`
+    tiles: jax.Array  # [num_tiles, 8] see `_tile_table`
     q_source: jax.Array  # [num_rows] the flat `token * G + g` query row of each grouped row; T * G: zeros
     out_tile: jax.Array  # [T] the tile holding each token's rows
     out_row: jax.Array  # [T, G] the row in that tile of each of the token's G query heads
     # [T, 4] each token's cache page, slot in the page, first grouped query row, and 1 (0 for padding): the table
     # of `norm_rope_write`, which writes the grouped queries and the cache itself
     write_table: jax.Array
-    merge_table: jax.Array  # [T, 3] each token's out_tile, first out_row, and 1 (0 for padding): `merge_splits`'
+    # [T, 5] each token's out_tile, first out_row, 1 (0 for padding), and the step's active tiles and longest
+    # context (what `splits_per_tile` takes): `merge_splits`'
+    merge_table: jax.Array
 
 
 def plan_step(md: AttentionMetadata, num_tokens: int, page_size: int, group: int) -> AttentionPlan:
@@ -189,7 +220,7 @@ def _plan(q_shape: tuple[int, ...], kv_cache: jax.Array, md: AttentionMetadata, 
         block_kv = ROWS  # the output tile reuses a float32 KV stage
     p_in_smem = split_float32 or jax.default_backend() != "gpu"
     shapes = _Shapes(num_kv_heads, group, head_dim, page_size, md.pages_per_seq, num_tiles, num_splits,
-                     block_kv, sizes.num_stages, split_float32, cache_format, p_in_smem)
+                     block_kv, sizes.num_stages, sizes.num_splits is None, split_float32, cache_format, p_in_smem)
     return _fit_shared_memory(shapes, kv_cache.dtype)
 
 
@@ -257,9 +288,11 @@ def plan_tiles(md: AttentionMetadata, rows: AttentionPlan, num_tokens: int, grou
     out_tile = jnp.minimum(first_tile[rows.seq] + t_in_seq // tokens_per_tile(group), num_tiles - 1)
     out_row = (t_in_seq % tokens_per_tile(group))[:, None] * group + heads
     write_table = jnp.stack([rows.page, rows.pos % page_size, first, rows.valid], axis=1).astype(jnp.int32)
-    merge_table = jnp.stack([out_tile, out_row[:, 0], rows.valid], axis=1).astype(jnp.int32)
-    return TilePlan(_tile_table(md, group, num_tiles), q_source, out_tile.astype(jnp.int32),
-                    out_row.astype(jnp.int32), write_table, merge_table)
+    tiles = _tile_table(md, group, num_tiles)
+    facts = jnp.broadcast_to(tiles[0, 6:], (num_tokens, 2))
+    merge_table = jnp.concatenate([jnp.stack([out_tile, out_row[:, 0], rows.valid], axis=1), facts], axis=1)
+    return TilePlan(tiles, q_source, out_tile.astype(jnp.int32), out_row.astype(jnp.int32), write_table,
+                    merge_table.astype(jnp.int32))
 
 
 def _row_bases(md: AttentionMetadata, group: int) -> jax.Array:
@@ -279,8 +312,9 @@ def _tiles_per_seq(md: AttentionMetadata, group: int) -> jax.Array:
 
 
 def _tile_table(md: AttentionMetadata, group: int, num_tiles: int) -> jax.Array:
-    """Per tile slot `[num_tiles, 6]`: sequence, first grouped query row, token offset in the sequence,
-    the sequence's q_len and kv_len, and whether the slot holds a tile (1) or is spare (0)."""
+    """Per tile slot `[num_tiles, 8]`: sequence, first grouped query row, token offset in the sequence,
+    the sequence's q_len and kv_len, whether the slot holds a tile (1) or is spare (0), and in every row the
+    step's number of tiles and its longest context (`_Shapes.splits_per_tile`). Tiles fill the first slots."""
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
     per_seq = _tiles_per_seq(md, group)
     ends = jnp.cumsum(per_seq)
@@ -289,7 +323,10 @@ def _tile_table(md: AttentionMetadata, group: int, num_tiles: int) -> jax.Array:
     offset = (slot - (ends[seq] - per_seq[seq])) * tokens_per_tile(group)
     first_row = _row_bases(md, group)[seq] + offset * group
     active = (slot < ends[-1]).astype(jnp.int32)
-    return jnp.stack([seq, first_row, offset, q_lens[seq], md.kv_lens[seq], active], axis=1).astype(jnp.int32)
+    real = jnp.arange(md.max_num_seqs) < md.num_seqs[0]
+    longest = jnp.max(jnp.where(real, md.kv_lens, 0))
+    facts = [jnp.broadcast_to(ends[-1], slot.shape), jnp.broadcast_to(longest, slot.shape)]
+    return jnp.stack([seq, first_row, offset, q_lens[seq], md.kv_lens[seq], active, *facts], axis=1).astype(jnp.int32)
 
 
 def _group_rows(q: jax.Array, q_source: jax.Array, shapes: _Shapes) -> jax.Array:
@@ -314,17 +351,23 @@ def _split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_shape, shapes: _Shapes, dtype):
     """Pick each query row out of its tile (merging the KV splits by log-sum-exp) back into `[T, H, D]` in `dtype`;
     padding rows are zero, as in the reference. KV splits of 16-bit outputs are merged by one kernel
-    (`merge_splits`), not XLA's two."""
+    (`merge_splits`), not XLA's two. Tile t's splits sit in the grid's block slots t * splits onwards (`_kernel`)."""
     if lse is not None and not shapes.split_float32 and merge_splits_supported(shapes.head_dim):
-        return merge_splits(out, lse, plan.kernel.merge_table, shapes.group, dtype)
+        return merge_splits(out, lse, plan.kernel.merge_table, shapes.group, dtype, shapes.splits_per_tile,
+                            shapes.max_splits)
     tile, row = plan.kernel.out_tile, plan.kernel.out_row
-    heads = jnp.arange(shapes.num_kv_heads)[None, :, None]
-    picked = out[:, heads, tile[:, None, None], row[:, None, :]]  # [splits, T, KVH, G, D]
+    heads = jnp.arange(shapes.num_kv_heads)[None, None, :, None]
+    splits = shapes.splits_per_tile(plan.kernel.tiles[0, 6], plan.kernel.tiles[0, 7])
+    pieces = jnp.arange(shapes.max_splits)[:, None]
+    used = pieces < splits  # [S, 1]: the split exists for every tile
+    work = tile[None, :] * splits + jnp.where(used, pieces, 0)  # [S, T]
+    part, slot = (work // shapes.num_tiles)[:, :, None, None], (work % shapes.num_tiles)[:, :, None, None]
+    picked = out[part, heads, slot, row[None, :, None, :]]  # [S, T, KVH, G, D]
     if lse is None:
         merged = picked[0].astype(jnp.float32)
     else:
-        weights = lse[:, heads, tile[:, None, None], row[:, None, :]]  # [splits, T, KVH, G], log2 units
-        top = jnp.max(weights, axis=0)
+        weights = jnp.where(used[:, :, None, None], lse[part, heads, slot, row[None, :, None, :]], -jnp.inf)
+        top = jnp.max(weights, axis=0)  # [T, KVH, G], log2 units
         top = jnp.where(jnp.isfinite(top), top, 0.0)
         w = jnp.exp2(weights - top)
         merged = jnp.sum(w[..., None] * picked, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[..., None]
@@ -417,16 +460,21 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
     q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, q_barrier, kv_barriers = refs[2 if split else 1:]
     buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, shapes.cache_format)
     head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
+    # The grid's (split, tile) block slots, in order, hold each tile's splits in turn: tile t's are slots
+    # t * splits to t * splits + splits - 1 (what the merge reads); slots past the step's tiles' splits do nothing.
+    splits = shapes.splits_per_tile(tiles_ref[0, 6], tiles_ref[0, 7])
+    work = part * shapes.num_tiles + slot
+    tile, piece = lax.div(work, splits), lax.rem(work, splits)
 
-    @pl.when(tiles_ref[slot, 5] != 0)
+    @pl.when(tile < tiles_ref[0, 6])
     def _tile():
-        seq, first_row, offset, q_len, kv_len = (tiles_ref[slot, i] for i in range(5))
+        seq, first_row, offset, q_len, kv_len = (tiles_ref[tile, i] for i in range(5))
         first_pos = kv_len - q_len + offset  # position of the tile's first query token
         last_pos = kv_len - q_len + jnp.minimum(offset + shapes.tokens_per_tile, q_len) - 1
         lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0) // shapes.block_kv
         hi = (last_pos + shapes.block_kv) // shapes.block_kv
-        per_part = (hi - lo + shapes.num_splits - 1) // shapes.num_splits
-        start = lo + part * per_part
+        per_part = lax.div(hi - lo + splits - 1, splits)
+        start = lo + piece * per_part
         steps = jnp.maximum(jnp.minimum(start + per_part, hi) - start, 0)
         fetch = functools.partial(_fetch, pages_ref, kv_ref, k_smem, v_smem, kv_barriers, shapes,
                                   layer_ref[0], seq, head, start)

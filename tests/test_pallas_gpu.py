@@ -12,6 +12,7 @@ import pytest
 import pallas_kernels
 from jaxllm import LLM, SamplingParams
 from pallas_kernels import gpu
+from pallas_kernels.metadata import AttentionMetadata
 from tests.test_reference_attention import CACHE_8BIT, attend_8bit_cache, dense_attention, max_row_error, random_batch
 from tests.tiny_models import make_tiny
 
@@ -22,8 +23,8 @@ CASES = [
     ([9, 1, 12], [9, 40, 90], 7, 1, 64, 32, 20, None, None),  # G=7 (tiles of 8 tokens), sliding window
     ([3, 6], [130, 6], 2, 2, 128, 128, None, 5.0, 2),  # MHA, soft-cap, page larger than a KV block
     ([2, 1], [66, 3], 4, 2, 256, 64, None, None, None),  # head dim 256 (two stages fit)
-    ([1], [700], 8, 2, 64, 16, None, None, None),  # one decode, long context: 11 splits of one block each
-    ([1, 1, 1, 1], [300, 17, 500, 64], 8, 2, 64, 16, None, None, None),  # 8 splits; the short contexts leave some empty
+    ([1], [700], 8, 2, 64, 16, None, None, None),  # one decode, long context: 6 splits in a grid of 11
+    ([1, 1, 1, 1], [300, 17, 500, 64], 8, 2, 64, 16, None, None, None),  # 4 splits each; short ones leave some empty
 ]
 
 
@@ -57,6 +58,23 @@ def test_16bit_splits_are_merged_by_one_kernel(dtype, splits, merged_by_kernel):
         q, k, v, c, md, 1, sm_scale=0.1, sizes=gpu.BlockSizes(num_splits=splits)))(*args)
     names = [e.params.get("name") for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
     assert ("merge_splits" in names) == merged_by_kernel, names
+
+
+@pytest.mark.parametrize("sequences,longest,splits", [(1, 8192, 16), (1, 2048, 16), (1, 512, 4), (1, 64, 1),
+                                                     (4, 1536, 5), (16, 512, 2), (16, 2048, 2)])
+def test_each_step_splits_few_long_contexts_more(sequences, longest, splits):
+    """In the engine's smallest decode bucket (16 token and sequence slots; Llama-3-8B's 8 KV heads, a grid of 3
+    splits a tile) a step's tiles take enough splits for about one block an SM, none shorter than two KV blocks of
+    its longest context, and at most 16: one sequence of 8192 tokens gets 16 where the grid's own split count is 3.
+    A fixed `num_splits` is kept as it is."""
+    q_shape, cache = (16, 32, 128), jax.ShapeDtypeStruct((1, 16 * 512, 16, 16, 128), jnp.bfloat16)
+    md = AttentionMetadata(cu_q_lens=jnp.zeros(17, jnp.int32), kv_lens=jnp.zeros(16, jnp.int32),
+                           page_indices=jnp.zeros((16, 512), jnp.int32), num_seqs=jnp.ones(1, jnp.int32))
+    shapes = gpu._plan(q_shape, cache, md, gpu.BlockSizes(), None)
+    assert (shapes.num_splits, shapes.num_tiles, shapes.max_splits) == (3, 16, 16)
+    assert int(shapes.splits_per_tile(jnp.int32(sequences), jnp.int32(longest))) == splits
+    fixed = gpu._plan(q_shape, cache, md, gpu.BlockSizes(num_splits=3), None)
+    assert int(fixed.splits_per_tile(jnp.int32(sequences), jnp.int32(longest))) == 3
 
 
 def test_tiles_start_on_whole_tma_tiles():
