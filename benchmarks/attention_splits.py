@@ -44,7 +44,7 @@ def main() -> None:
         kv_bytes = seqs * context * KV_HEADS * HEAD_DIM * 2 * 2
         for splits, chunk in itertools.product(args.splits, args.merge_chunks):
             if chunk:
-                merging._CHUNK = chunk  # read when the merge is traced: a sweep's knob, not an engine setting
+                merging.SPLITS_AT_ONCE = chunk  # read when the merge is traced: a sweep's knob, not an engine setting
             fn = attend_fn("pallas_gpu", sizes=gpu.BlockSizes(num_splits=splits or None))
             us = kernel_times(fn, q, cache, md)
             work = us["kernel"] + us["merge"]

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.merge_splits import merge_splits
+from pallas_kernels.merge_splits import SPLITS_AT_ONCE, merge_splits
 from pallas_kernels.merge_splits import supported as merge_splits_supported
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
 from pallas_kernels.reference import write_kv
@@ -110,9 +110,10 @@ class _Shapes:
     def splits_per_tile(self, active, longest):
         """KV splits of each of a step's `active` query tiles, whose longest context is `longest` tokens: a fixed
         `num_splits`, or enough (KV head, tile, split) blocks for one an SM, with no split shorter than
-        `_MIN_SPLIT_BLOCKS` KV blocks of the longest context, at most `max_splits`, and all within the grid's block
-        slots. The kernel, `merge_splits` and XLA's merge must agree: each calls this. Scalar int32 arithmetic that
-        XLA, Mosaic GPU and Triton all lower."""
+        `_MIN_SPLIT_BLOCKS` KV blocks of the longest context, at most `max_splits`, all within the grid's block
+        slots, and above `SPLITS_AT_ONCE` a multiple of it (`merge_splits` reads that many at a time). The kernel,
+        `merge_splits` and XLA's merge must agree: each calls this. Scalar int32 arithmetic that XLA, Mosaic GPU and
+        Triton all lower."""
         if not self.dynamic_splits or self.num_splits == 1:
             return jnp.int32(self.num_splits)
         active = jnp.maximum(active, 1)
@@ -121,7 +122,8 @@ class _Shapes:
         blocks = lax.div(longest + self.block_kv - 1, jnp.int32(self.block_kv))
         by_length = lax.div(blocks + _MIN_SPLIT_BLOCKS - 1, jnp.int32(_MIN_SPLIT_BLOCKS))
         room = lax.div(jnp.int32(self.num_splits * self.num_tiles), active)
-        return jnp.maximum(jnp.minimum(jnp.minimum(fill, by_length), jnp.minimum(room, self.max_splits)), 1)
+        splits = jnp.minimum(jnp.minimum(fill, by_length), jnp.minimum(room, self.max_splits))
+        return jnp.maximum(jnp.where(splits > SPLITS_AT_ONCE, splits - lax.rem(splits, SPLITS_AT_ONCE), splits), 1)
 
 
 def tokens_per_tile(group: int) -> int:

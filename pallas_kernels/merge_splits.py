@@ -23,8 +23,9 @@ from jax.experimental.pallas import triton as pltriton
 
 _NUM_WARPS = 1  # a program moves a few rows of at most 128 values
 # Splits read at once: a step of few sequences may give a tile up to 16, but unrolled over 16 the loads of one
-# sequence of 512 tokens (4 splits) cost about 4 us a layer more on an H100 (docs/performance.md, session 17)
-_CHUNK = 4
+# sequence of 512 tokens (4 splits) cost about 4 us a layer more on an H100 (docs/performance.md, session 17). Each
+# further chunk costs about 1.2 us, so the kernel gives a tile of more than this a multiple of it.
+SPLITS_AT_ONCE = 4
 
 
 def supported(head_dim: int) -> bool:
@@ -53,7 +54,7 @@ def merge_splits(out: jax.Array, lse: jax.Array, tokens: jax.Array, group: int, 
         def chunk(c, state):
             # The chunk's loads are issued together, so that their latencies overlap; its slots past the tile's
             # splits read the tile's last split again, at weight zero.
-            ids = [c * _CHUNK + i for i in range(_CHUNK)]
+            ids = [c * SPLITS_AT_ONCE + i for i in range(SPLITS_AT_ONCE)]
             slots = [tile * splits + jnp.minimum(s, splits - 1) for s in ids]
             where = [(lax.div(w, num_tiles), lax.rem(w, num_tiles)) for w in slots]
             parts = [[out_ref[p, h, q, row, :] for p, q in where] for row in rows]
@@ -65,9 +66,10 @@ def merge_splits(out: jax.Array, lse: jax.Array, tokens: jax.Array, group: int, 
         def _merge():
             # Every load before any store (Triton keeps loads after a store that may alias them): loads between
             # the rows' stores made the kernel 3.5 us on an H100.
-            # The first chunk outside the loop: a step of at most `_CHUNK` splits a tile runs no loop at all.
+            # The first chunk outside the loop: a tile of at most `SPLITS_AT_ONCE` splits runs no loop at all.
             empty = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((head_dim,), jnp.float32))
-            merged = lax.fori_loop(1, lax.div(splits + _CHUNK - 1, _CHUNK), chunk, chunk(0, (empty,) * group))
+            chunks = lax.div(splits + SPLITS_AT_ONCE - 1, SPLITS_AT_ONCE)
+            merged = lax.fori_loop(1, chunks, chunk, chunk(0, (empty,) * group))
             for g, (_, total, acc) in enumerate(merged):
                 merged_ref[t, h * group + g, :] = (acc / jnp.maximum(total, 1e-30)).astype(merged_ref.dtype)
 
