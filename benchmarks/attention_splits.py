@@ -12,7 +12,6 @@ the engine pays once a step, not once a layer (tens of microseconds here).
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ import numpy as np
 from attention import HEAD_DIM, KV_HEADS, attend_fn, ragged_batch, save_rows
 from jax.experimental.mosaic.gpu import profiler
 
-import pallas_kernels.merge_splits as merging
 from pallas_kernels import gpu
 
 BUCKET = 16  # token and sequence slots of the engine's smallest decode bucket
@@ -31,27 +29,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2, 3, 4, 8, 16],
                         help="KV splits a tile; 0: the kernel's heuristic")
-    parser.add_argument("--merge-chunks", type=int, nargs="+", default=[0],
-                        help="splits `merge_splits` reads at once (0: its own); more than one: a sweep")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = []
-    print("| sequences x context | splits | merge chunk | kernel + merge us | kernel us | merge us | planning us | "
-          "KV TB/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| sequences x context | splits | kernel + merge us | kernel us | merge us | planning us | KV TB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for i, (seqs, context) in enumerate(CASES):
         q, cache, md = ragged_batch([1] * seqs, [context] * seqs, 16, jax.random.key(i), max_seqs=BUCKET)
         q = jnp.pad(q, ((0, BUCKET - seqs), (0, 0), (0, 0)))  # the bucket's padding tokens
         kv_bytes = seqs * context * KV_HEADS * HEAD_DIM * 2 * 2
-        for splits, chunk in itertools.product(args.splits, args.merge_chunks):
-            if chunk:
-                merging.SPLITS_AT_ONCE = chunk  # read when the merge is traced: a sweep's knob, not an engine setting
+        for splits in args.splits:
             fn = attend_fn("pallas_gpu", sizes=gpu.BlockSizes(num_splits=splits or None))
             us = kernel_times(fn, q, cache, md)
             work = us["kernel"] + us["merge"]
-            rows.append({"sequences": seqs, "context": context, "splits": splits, "merge_chunk": chunk, **us,
+            rows.append({"sequences": seqs, "context": context, "splits": splits, **us,
                          "tb_per_s": kv_bytes / work / 1e6})
-            print(f"| {seqs} x {context} | {splits or 'heuristic'} | {chunk or 'default'} | {work:.1f} | "
-                  f"{us['kernel']:.1f} | {us['merge']:.1f} | {us['planning']:.1f} | {kv_bytes / work / 1e6:.2f} |")
+            print(f"| {seqs} x {context} | {splits or 'heuristic'} | {work:.1f} | {us['kernel']:.1f} | "
+                  f"{us['merge']:.1f} | {us['planning']:.1f} | {kv_bytes / work / 1e6:.2f} |")
         del q, cache
     save_rows(args.output_json, rows)
 

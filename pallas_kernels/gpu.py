@@ -41,8 +41,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.merge_splits import SPLITS_AT_ONCE, merge_splits
+from pallas_kernels.merge_splits import merge_splits
 from pallas_kernels.merge_splits import supported as merge_splits_supported
+from pallas_kernels.merge_splits import window as merge_window
 from pallas_kernels.metadata import AttentionMetadata, AttentionPlan, plan_rows
 from pallas_kernels.reference import write_kv
 
@@ -101,6 +102,13 @@ class _Shapes:
         return self.cache_format is not None
 
     @property
+    def output_blocks(self) -> int:
+        """Blocks of the kernel's output a KV head: one a (tile, split) block slot, then `merge_window` rows of
+        room for the split merge's masked reads past the last."""
+        slots = self.num_splits * self.num_tiles
+        return slots if self.num_splits == 1 else slots + merge_window(self.max_splits)
+
+    @property
     def max_splits(self) -> int:
         """The most splits a tile can take: what a split merge must read."""
         if not self.dynamic_splits or self.num_splits == 1:
@@ -110,10 +118,9 @@ class _Shapes:
     def splits_per_tile(self, active, longest):
         """KV splits of each of a step's `active` query tiles, whose longest context is `longest` tokens: a fixed
         `num_splits`, or enough (KV head, tile, split) blocks for one an SM, with no split shorter than
-        `_MIN_SPLIT_BLOCKS` KV blocks of the longest context, at most `max_splits`, all within the grid's block
-        slots, and above `SPLITS_AT_ONCE` a multiple of it (`merge_splits` reads that many at a time). The kernel,
-        `merge_splits` and XLA's merge must agree: each calls this. Scalar int32 arithmetic that XLA, Mosaic GPU and
-        Triton all lower."""
+        `_MIN_SPLIT_BLOCKS` KV blocks of the longest context, at most `max_splits`, and all within the grid's block
+        slots. The kernel, `merge_splits` and XLA's merge must agree: each calls this. Scalar int32 arithmetic that
+        XLA, Mosaic GPU and Triton all lower."""
         if not self.dynamic_splits or self.num_splits == 1:
             return jnp.int32(self.num_splits)
         active = jnp.maximum(active, 1)
@@ -122,8 +129,7 @@ class _Shapes:
         blocks = lax.div(longest + self.block_kv - 1, jnp.int32(self.block_kv))
         by_length = lax.div(blocks + _MIN_SPLIT_BLOCKS - 1, jnp.int32(_MIN_SPLIT_BLOCKS))
         room = lax.div(jnp.int32(self.num_splits * self.num_tiles), active)
-        splits = jnp.minimum(jnp.minimum(fill, by_length), jnp.minimum(room, self.max_splits))
-        return jnp.maximum(jnp.where(splits > SPLITS_AT_ONCE, splits - lax.rem(splits, SPLITS_AT_ONCE), splits), 1)
+        return jnp.maximum(jnp.minimum(jnp.minimum(fill, by_length), jnp.minimum(room, self.max_splits)), 1)
 
 
 def tokens_per_tile(group: int) -> int:
@@ -353,7 +359,7 @@ def _split_halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_shape, shapes: _Shapes, dtype):
     """Pick each query row out of its tile (merging the KV splits by log-sum-exp) back into `[T, H, D]` in `dtype`;
     padding rows are zero, as in the reference. KV splits of 16-bit outputs are merged by one kernel
-    (`merge_splits`), not XLA's two. Tile t's splits sit in the grid's block slots t * splits onwards (`_kernel`)."""
+    (`merge_splits`), not XLA's two. Tile t's n splits are the output's blocks t * n onwards (`_kernel`)."""
     if lse is not None and not shapes.split_float32 and merge_splits_supported(shapes.head_dim):
         return merge_splits(out, lse, plan.kernel.merge_table, shapes.group, dtype, shapes.splits_per_tile,
                             shapes.max_splits)
@@ -362,13 +368,12 @@ def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_s
     splits = shapes.splits_per_tile(plan.kernel.tiles[0, 6], plan.kernel.tiles[0, 7])
     pieces = jnp.arange(shapes.max_splits)[:, None]
     used = pieces < splits  # [S, 1]: the split exists for every tile
-    work = tile[None, :] * splits + jnp.where(used, pieces, 0)  # [S, T]
-    part, slot = (work // shapes.num_tiles)[:, :, None, None], (work % shapes.num_tiles)[:, :, None, None]
-    picked = out[part, heads, slot, row[None, :, None, :]]  # [S, T, KVH, G, D]
+    block = (tile[None, :] * splits + jnp.where(used, pieces, 0))[:, :, None, None]  # [S, T, 1, 1]
+    picked = out[heads, block, row[None, :, None, :]]  # [S, T, KVH, G, D]
     if lse is None:
         merged = picked[0].astype(jnp.float32)
     else:
-        weights = jnp.where(used[:, :, None, None], lse[part, heads, slot, row[None, :, None, :]], -jnp.inf)
+        weights = jnp.where(used[:, :, None, None], lse[heads, block, row[None, :, None, :]], -jnp.inf)
         top = jnp.max(weights, axis=0)  # [T, KVH, G], log2 units
         top = jnp.where(jnp.isfinite(top), top, 0.0)
         w = jnp.exp2(weights - top)
@@ -382,11 +387,10 @@ def _call_kernel(tiles, layer, page_indices, q_parts, kv_cache, shapes: _Shapes,
     splits, their rows' log-sum-exps."""
     split = shapes.num_splits > 1
     out_dtype = kv_cache.dtype if shapes.split_float32 else _mma_dtype(shapes, kv_cache.dtype)
-    out_type = [jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS,
-                                      shapes.head_dim), out_dtype)]
+    blocks = (shapes.num_kv_heads, shapes.output_blocks, ROWS)
+    out_type = [jax.ShapeDtypeStruct((*blocks, shapes.head_dim), out_dtype)]
     if split:
-        out_type.append(jax.ShapeDtypeStruct((shapes.num_splits, shapes.num_kv_heads, shapes.num_tiles, ROWS),
-                                             jnp.float32))
+        out_type.append(jax.ShapeDtypeStruct(blocks, jnp.float32))
     body = functools.partial(_kernel, shapes=shapes, num_q=len(q_parts), **attn)
     with _interpret_off_gpu():
         results = plgpu.kernel(
@@ -463,7 +467,8 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
     buf = _Buffers(q_smem, k_smem, v_smem, p_smem, half_smem, lse_smem, shapes.cache_format)
     head, slot, part = lax.axis_index("kv_heads"), lax.axis_index("tiles"), lax.axis_index("splits")
     # The grid's (split, tile) block slots, in order, hold each tile's splits in turn: tile t's are slots
-    # t * splits to t * splits + splits - 1 (what the merge reads); slots past the step's tiles' splits do nothing.
+    # t * splits to t * splits + splits - 1, and write the output's blocks of those numbers (what the merge reads);
+    # slots past the step's tiles' splits do nothing.
     splits = shapes.splits_per_tile(tiles_ref[0, 6], tiles_ref[0, 7])
     work = part * shapes.num_tiles + slot
     tile, piece = lax.div(work, splits), lax.rem(work, splits)
@@ -498,9 +503,9 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
         if split:
             lse_smem[...] = m_i + jnp.log2(l_safe)
         plgpu.commit_smem()
-        moved(lambda n: plgpu.copy_smem_to_gmem(buf.out.at[pl.ds(0, n)], out_ref.at[part, head, slot, pl.ds(0, n)]))
+        moved(lambda n: plgpu.copy_smem_to_gmem(buf.out.at[pl.ds(0, n)], out_ref.at[head, work, pl.ds(0, n)]))
         if split:
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[part, head, slot])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[head, work])
         plgpu.wait_smem_to_gmem(0)
 
 
