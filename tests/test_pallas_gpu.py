@@ -23,8 +23,9 @@ CASES = [
     ([9, 1, 12], [9, 40, 90], 7, 1, 64, 32, 20, None, None),  # G=7 (tiles of 8 tokens), sliding window
     ([3, 6], [130, 6], 2, 2, 128, 128, None, 5.0, 2),  # MHA, soft-cap, page larger than a KV block
     ([2, 1], [66, 3], 4, 2, 256, 64, None, None, None),  # head dim 256 (two stages fit)
-    ([1], [700], 8, 2, 64, 16, None, None, None),  # one decode, long context: 6 splits in a grid of 11
-    ([1, 1, 1, 1], [300, 17, 500, 64], 8, 2, 64, 16, None, None, None),  # 4 splits each; short ones leave some empty
+    ([1], [700], 8, 2, 64, 16, None, None, None),  # one decode, long context: 4 splits, the merge's most one by one
+    ([1, 1, 1, 1], [300, 17, 500, 64], 8, 2, 64, 16, None, None, None),  # 3 splits each; short ones leave some empty
+    ([1, 1], [1500, 40], 8, 2, 64, 16, None, None, None),  # 8 splits each: the merge's masked window of 16
 ]
 
 
@@ -60,12 +61,12 @@ def test_16bit_splits_are_merged_by_one_kernel(dtype, splits, merged_by_kernel):
     assert ("merge_splits" in names) == merged_by_kernel, names
 
 
-@pytest.mark.parametrize("sequences,longest,splits", [(1, 8192, 16), (1, 2048, 16), (1, 512, 4), (1, 576, 5),
-                                                     (1, 64, 1), (4, 1536, 5), (16, 512, 2), (16, 2048, 2),
-                                                     (2, 8192, 9)])
+@pytest.mark.parametrize("sequences,longest,splits", [(1, 8192, 16), (1, 2048, 11), (1, 512, 3), (1, 576, 3),
+                                                     (1, 640, 4), (1, 64, 1), (4, 1536, 5), (16, 512, 2),
+                                                     (16, 2048, 2), (2, 8192, 9)])
 def test_each_step_splits_few_long_contexts_more(sequences, longest, splits):
     """In the engine's smallest decode bucket (16 token and sequence slots; Llama-3-8B's 8 KV heads, a grid of 3
-    splits a tile) a step's tiles take enough splits for about one block an SM, none shorter than two KV blocks of
+    splits a tile) a step's tiles take enough splits for about one block an SM, none shorter than three KV blocks of
     its longest context, and at most 16: one sequence of 8192 tokens gets 16 where the grid's own split count is 3.
     A fixed `num_splits` is kept as it is."""
     q_shape, cache = (16, 32, 128), jax.ShapeDtypeStruct((1, 16 * 512, 16, 16, 128), jnp.bfloat16)
