@@ -1,5 +1,5 @@
 """Where batch-1 decode's wall time goes between GPU kernels: a `jax.profiler` trace of one generate call
-(65 tokens after a 512-token prompt, Llama-3.1-8B shape, random bfloat16 weights), read back with
+(65 tokens after a 512-token prompt, or `--prompt-len`, Llama-3.1-8B shape, random bfloat16 weights), read back with
 `jax.profiler.ProfileData`. Reports the untraced request's TPOT (time per output token after the first, vLLM's
 measure), TTFT and latency per token (prefill included), then, per decode token with the prefill's kernels
 spread over them, GPU busy time (the union of kernel intervals), the busiest kernels and

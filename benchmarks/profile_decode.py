@@ -74,9 +74,9 @@ def decode_workload(num_scheduler_steps: int, max_num_batched_tokens: int | None
                     kv_cache_dtype: str = "auto",
                     attention_block_sizes: dict[str, int] | None = None,
                     prompt_len: int = 512) -> tuple[LLM, Callable[[], None], DecodeTimes]:
-    """The engine and the call every decode profile looks at: generate `TOKENS + 1` tokens after a 512-token
+    """The engine and the call every decode profile looks at: generate `TOKENS + 1` tokens after a `prompt_len`-token
     prompt (the first from the prefill, then `TOKENS` decode steps). Returns the engine, the call, and its wall
-    times, timed once it is warm. A longer `prompt_len` measures decode at long context."""
+    times, timed once it is warm. A longer prompt than the default 512 measures decode at long context."""
     max_model_len = max(1024, prompt_len + TOKENS + 1)
     llm = LLM(random_weights_dir("llama3-8b"), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=max_model_len,

@@ -53,8 +53,8 @@ _LOG2E = math.log2(math.e)
 _NUM_SMS = 132  # H100 SXM; only sizes the split heuristics
 _MAX_SPLITS = 16  # KV splits of one tile at most
 # KV blocks a split takes at least: at one sequence of 512 tokens on an H100, 16 splits of 32 tokens took 3.7 us
-# more than 4 of 128 (`benchmarks/attention_splits.py`); and 3 keeps 512-576 tokens within `merge_splits`' few
-# splits (3)
+# more than 4 of 128 (`benchmarks/attention_splits.py`); and 3 keeps 512-576 tokens at 3 splits, on the merge's
+# faster path for few splits (`merge_splits.FEW_SPLITS`)
 _MIN_SPLIT_BLOCKS = 3
 _SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper block may use
 # Lane semantics: registers carry the layouts we give them (wgmma's), no layout inference.

@@ -4,9 +4,9 @@ Triton kernel.
 Why: a step of few sequences splits each context over several CUDA blocks (flash-decoding), whose partial outputs
 are merged by their log-sum-exps. In XLA that was two kernels a layer (the splits' weights from the LSEs, then the
 weighted sum gathered back to `[T, H, D]`), about 3.6 us and a gap at batch 1 on an H100 at Llama-3.1-8B shape
-(docs/performance.md, session 16). Program (t, h) merges token t's G query rows of KV head h, reading every split
-of its tile (a step chooses how many a tile takes) in one masked load a row; padding tokens get zeros, as in the
-reference.
+(docs/performance.md, session 16). Program (t, h) merges token t's G query rows of KV head h over its tile's
+splits, as many as the step gave the tile: at most `FEW_SPLITS` read one by one, more through one masked load of a
+window of splits a row. Padding tokens get zeros, as in the reference.
 
 JAX 0.11.2, which jaxllm pins, marks its Pallas Triton backend deprecated in favour of Mosaic GPU: like
 `norm_gate_up`, this kernel is due a Mosaic GPU port before JAX is upgraded.
