@@ -57,6 +57,8 @@ _MAX_SPLITS = 16  # KV splits of one tile at most
 # faster path for few splits (`merge_splits.FEW_SPLITS`)
 _MIN_SPLIT_BLOCKS = 3
 _SMEM_BUDGET = 220 * 1024  # of the 227 KiB a Hopper block may use
+# Columns of the tile table that hold, in every row, the step's facts `_Shapes.splits_per_tile` takes
+_TILES_COLUMN, _LONGEST_COLUMN = 5, 6
 # Lane semantics: registers carry the layouts we give them (wgmma's), no layout inference.
 _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
@@ -145,7 +147,7 @@ def tokens_per_tile(group: int) -> int:
 class TilePlan:
     """The kernel's tables for one step's batch, the same for every layer (`plan_step`)."""
 
-    tiles: jax.Array  # [num_tiles, 8] see `_tile_table`
+    tiles: jax.Array  # [num_tiles, 7] see `_tile_table`
     q_source: jax.Array  # [num_rows] the flat `token * G + g` query row of each grouped row; T * G: zeros
     out_tile: jax.Array  # [T] the tile holding each token's rows
     out_row: jax.Array  # [T, G] the row in that tile of each of the token's G query heads
@@ -298,7 +300,7 @@ def plan_tiles(md: AttentionMetadata, rows: AttentionPlan, num_tokens: int, grou
     out_row = (t_in_seq % tokens_per_tile(group))[:, None] * group + heads
     write_table = jnp.stack([rows.page, rows.pos % page_size, first, rows.valid], axis=1).astype(jnp.int32)
     tiles = _tile_table(md, group, num_tiles)
-    facts = jnp.broadcast_to(tiles[0, 6:], (num_tokens, 2))
+    facts = jnp.broadcast_to(tiles[0, _TILES_COLUMN:], (num_tokens, 2))
     merge_table = jnp.concatenate([jnp.stack([out_tile, out_row[:, 0], rows.valid], axis=1), facts], axis=1)
     return TilePlan(tiles, q_source, out_tile.astype(jnp.int32), out_row.astype(jnp.int32), write_table,
                     merge_table.astype(jnp.int32))
@@ -321,9 +323,9 @@ def _tiles_per_seq(md: AttentionMetadata, group: int) -> jax.Array:
 
 
 def _tile_table(md: AttentionMetadata, group: int, num_tiles: int) -> jax.Array:
-    """Per tile slot `[num_tiles, 8]`: sequence, first grouped query row, token offset in the sequence,
-    the sequence's q_len and kv_len, whether the slot holds a tile (1) or is spare (0), and in every row the
-    step's number of tiles and its longest context (`_Shapes.splits_per_tile`). Tiles fill the first slots."""
+    """Per tile slot `[num_tiles, 7]`: sequence, first grouped query row, token offset in the sequence,
+    the sequence's q_len and kv_len, and in every row the step's number of tiles and its longest context
+    (`_TILES_COLUMN`, `_LONGEST_COLUMN`: what `_Shapes.splits_per_tile` takes). Tiles fill the first slots."""
     q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
     per_seq = _tiles_per_seq(md, group)
     ends = jnp.cumsum(per_seq)
@@ -331,11 +333,10 @@ def _tile_table(md: AttentionMetadata, group: int, num_tiles: int) -> jax.Array:
     seq = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), md.max_num_seqs - 1).astype(jnp.int32)
     offset = (slot - (ends[seq] - per_seq[seq])) * tokens_per_tile(group)
     first_row = _row_bases(md, group)[seq] + offset * group
-    active = (slot < ends[-1]).astype(jnp.int32)
     real = jnp.arange(md.max_num_seqs) < md.num_seqs[0]
     longest = jnp.max(jnp.where(real, md.kv_lens, 0))
     facts = [jnp.broadcast_to(ends[-1], slot.shape), jnp.broadcast_to(longest, slot.shape)]
-    return jnp.stack([seq, first_row, offset, q_lens[seq], md.kv_lens[seq], active, *facts], axis=1).astype(jnp.int32)
+    return jnp.stack([seq, first_row, offset, q_lens[seq], md.kv_lens[seq], *facts], axis=1).astype(jnp.int32)
 
 
 def _group_rows(q: jax.Array, q_source: jax.Array, shapes: _Shapes) -> jax.Array:
@@ -366,7 +367,7 @@ def _gather_rows(out: jax.Array, lse: jax.Array | None, plan: AttentionPlan, q_s
                             shapes.max_splits)
     tile, row = plan.kernel.out_tile, plan.kernel.out_row
     heads = jnp.arange(shapes.num_kv_heads)[None, None, :, None]
-    splits = shapes.splits_per_tile(plan.kernel.tiles[0, 6], plan.kernel.tiles[0, 7])
+    splits = shapes.splits_per_tile(plan.kernel.tiles[0, _TILES_COLUMN], plan.kernel.tiles[0, _LONGEST_COLUMN])
     pieces = jnp.arange(shapes.max_splits)[:, None]
     used = pieces < splits  # [S, 1]: the split exists for every tile
     block = (tile[None, :] * splits + jnp.where(used, pieces, 0))[:, :, None, None]  # [S, T, 1, 1]
@@ -470,11 +471,12 @@ def _kernel(tiles_ref, layer_ref, pages_ref, *refs, shapes: _Shapes, num_q: int,
     # The grid's (split, tile) block slots, in order, hold each tile's splits in turn: tile t's are slots
     # t * splits to t * splits + splits - 1, and write the output's blocks of those numbers (what the merge reads);
     # slots past the step's tiles' splits do nothing.
-    splits = shapes.splits_per_tile(tiles_ref[0, 6], tiles_ref[0, 7])
+    active = tiles_ref[0, _TILES_COLUMN]
+    splits = shapes.splits_per_tile(active, tiles_ref[0, _LONGEST_COLUMN])
     work = part * shapes.num_tiles + slot
     tile, piece = lax.div(work, splits), lax.rem(work, splits)
 
-    @pl.when(tile < tiles_ref[0, 6])
+    @pl.when(tile < active)
     def _tile():
         seq, first_row, offset, q_len, kv_len = (tiles_ref[tile, i] for i in range(5))
         first_pos = kv_len - q_len + offset  # position of the tile's first query token
